@@ -1,0 +1,37 @@
+"""The `nexus` command. Each subcommand validates its arguments and calls one library function."""
+
+import typer
+
+from .errors import clean_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="NEXUS: many teachers, one measured student.")
+
+
+@app.callback()
+def main():
+    """NEXUS: fold several LLM teachers into one HF-native student, measured per capability."""
+
+
+@app.command("import")
+def import_cmd(
+    src: str = typer.Argument(..., help="teacher: an HF folder of safetensors, or a .gguf file"),
+    out: str = typer.Argument(..., help="output folder for the one-tower Nexus checkpoint"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow loading .bin/.pt pickle weights"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the teacher's remote code"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
+):
+    """Convert one teacher into a one-tower Nexus checkpoint (lossless)."""
+    from .conversion.teacher_import import import_teacher
+
+    with clean_errors():
+        path = import_teacher(src, out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                              overwrite=overwrite)
+    typer.echo(f"wrote {path}")
+
+
+# Other subcommands live in their own files and register here.
+# (profile: cli/profile_command.py)
+
+
+if __name__ == "__main__":
+    app()

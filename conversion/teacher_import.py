@@ -1,0 +1,49 @@
+"""`nexus import SRC OUT`: turn one teacher checkpoint into a one-tower Nexus checkpoint, losslessly.
+
+The teacher (an HF folder of safetensors, or a .gguf) is loaded in fp32, its config mapped to a Nexus tower spec by its
+registered family, its weights renamed, and the result saved with the modeling files and the teacher's tokenizer.
+Nothing is written at OUT unless the whole import succeeds.
+"""
+
+from pathlib import Path
+
+import torch
+
+from ..modeling_nexus import NexusConfig, NexusForCausalLM
+from .atomic_output import atomic_dir
+from .teacher_families import family_for, nexus_config_kwargs, nexus_state_dict
+from .teacher_source import load_teacher
+
+
+def nexus_from_teacher(teacher, name="teacher", capabilities=()):
+    """A NexusForCausalLM holding exactly the weights of the HF decoder ``teacher`` (same dtype)."""
+    family_for(teacher.config)  # fail early, naming the supported families
+    config = NexusConfig(**nexus_config_kwargs(teacher.config, name=name, capabilities=capabilities))
+    dtype = next(teacher.parameters()).dtype
+    model = NexusForCausalLM(config).to(dtype)
+    state = nexus_state_dict(teacher.config, teacher.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"weight mapping mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+def import_teacher(src, out, allow_pickle=False, trust_remote_code=False, name=None, overwrite=False,
+                   cache_root=None):
+    """Write a one-tower Nexus checkpoint for the teacher at ``src`` into ``out``; returns ``out``."""
+    src, out = Path(src), Path(out)
+    teacher, tokenizer = load_teacher(src, dtype=torch.float32, allow_pickle=allow_pickle,
+                                      trust_remote_code=trust_remote_code, cache_root=cache_root)
+    model = nexus_from_teacher(teacher, name=name or src.stem)
+    model.config.nexus_source = {"path": str(src), "architecture": teacher.config.model_type}
+    del teacher
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out

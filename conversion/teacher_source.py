@@ -1,0 +1,125 @@
+"""Where a teacher comes from: an HF folder of safetensors or a `.gguf` file, checked before anything loads.
+
+Safety defaults: pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are refused unless ``allow_pickle`` is set, and
+remote code is never run unless ``trust_remote_code`` is set. A GGUF file is dequantised once into a cached
+safetensors folder (keyed by the file's size and mtime), so later loads skip the slow conversion.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .atomic_output import atomic_dir
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class TeacherSourceError(ValueError):
+    pass
+
+
+def check_teacher_source(path, allow_pickle=False):
+    """Return ``"hf"`` or ``"gguf"`` for a loadable teacher, or raise a TeacherSourceError naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise TeacherSourceError(f"teacher path {path} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        if path.suffix in PICKLE_SUFFIXES:
+            raise TeacherSourceError(f"teacher {path} is a pickle checkpoint; refusing it (set allow_pickle to load it)")
+        raise TeacherSourceError(f"teacher {path} is a file but not a .gguf; give an HF folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+        raise TeacherSourceError(f"teacher folder {path} has no config.json (not an HF checkpoint folder)")
+    if any(path.glob("*.safetensors")):
+        return "hf"
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        if allow_pickle:
+            return "hf"
+        raise TeacherSourceError(
+            f"teacher folder {path} holds only pickle weights ({', '.join(sorted(pickles))}); pickle can run "
+            "arbitrary code, so it is refused. Convert it to safetensors, or pass --allow-pickle / allow_pickle: true"
+        )
+    raise TeacherSourceError(f"teacher folder {path} has no weights (*.safetensors)")
+
+
+def _gguf_file(path):
+    path = Path(path)
+    return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+
+
+def gguf_cache_dir(gguf_path, cache_root):
+    gguf_path = Path(gguf_path).resolve()
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(cache_root) / f"{gguf_path.stem}-{key}"
+
+
+def gguf_to_safetensors(gguf_path, cache_root):
+    """Dequantise a GGUF file once into ``cache_root``; return the cached HF folder (model + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = _gguf_file(gguf_path)
+    out = gguf_cache_dir(gguf_path, cache_root)
+    if (out / "config.json").is_file():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "nexus_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    return out
+
+
+def resolve_teacher_folder(path, allow_pickle=False, cache_root=None):
+    """An HF folder for the teacher at ``path`` (converting a GGUF into ``cache_root`` when needed)."""
+    kind = check_teacher_source(path, allow_pickle)
+    if kind == "gguf":
+        if cache_root is None:
+            cache_root = Path.home() / ".cache" / "nexus" / "gguf"
+        return gguf_to_safetensors(path, cache_root)
+    return Path(path)
+
+
+def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_code=False, cache_root=None):
+    """Load (model, tokenizer) for a teacher; the tokenizer must exist alongside the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_teacher_folder(path, allow_pickle, cache_root)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise TeacherSourceError(
+            f"teacher {path} needs remote code (auto_map in config.json); refusing it unless trust_remote_code is set"
+        )
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=not allow_pickle or any(Path(folder).glob("*.safetensors")),
+        trust_remote_code=trust_remote_code,
+    )
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(folder, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((folder / n).is_file() for n in names):
+        raise TeacherSourceError(
+            f"no tokenizer in {folder}: expected one of {', '.join(names)} next to the weights"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # the library's own errors are long; keep the cause, name the folder
+        raise TeacherSourceError(f"cannot load the tokenizer in {folder}: {exc}") from exc

@@ -1,0 +1,16 @@
+"""The Nexus architecture. Self-contained: imports only torch, transformers and itself (copied into checkpoints)."""
+
+from .configuration_nexus import NexusConfig
+from .modeling_nexus import NexusDecoderTower, NexusForCausalLM, NexusModel, NexusPooledRouter
+from .registry import register, registered, resolve
+
+__all__ = [
+    "NexusConfig",
+    "NexusForCausalLM",
+    "NexusModel",
+    "NexusDecoderTower",
+    "NexusPooledRouter",
+    "register",
+    "registered",
+    "resolve",
+]

@@ -1,0 +1,558 @@
+"""NexusForCausalLM: a shared embedding, several decoder towers, a router, a shared final norm and LM head.
+
+Reads top to bottom: norm -> rotary -> attention -> MLP -> layer -> tower -> router -> model -> head.
+
+The decoder layer is parametrised (norm type and placement, activation, q/k-norm, biases, per-layer RoPE theta and
+sliding window, softcaps) so that Llama, Qwen2, Qwen3 and Gemma-3 blocks are reproduced exactly, and every layer has
+its own widths (heads, kv-heads, head_dim, FFN size) because pruned models are irregular.
+
+Routing is hard top-1 at inference: for each sequence the router (or the caller, with ``tower=`` / ``capability=``)
+picks one tower and only the picked towers run. The pick is written into cache slot 0 so that every decoding step of
+``generate`` reuses it, and beam search reorders it with the rest of the cache.
+
+This folder imports only torch, transformers and itself: ``save_pretrained`` copies it into every checkpoint.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_nexus import NexusConfig
+from .registry import register, resolve
+
+# ----------------------------------------------------------------------------------------------------------- norms
+
+
+class NexusRMSNorm(nn.Module):
+    """RMSNorm in two flavours.
+
+    ``"rms"`` (Llama/Qwen): normalise in fp32, cast back, then multiply by ``w`` (initialised to 1).
+    ``"gemma_rms"`` (Gemma): normalise and multiply by ``(1 + w)`` in fp32, then cast (``w`` initialised to 0).
+    """
+
+    def __init__(self, dim, eps=1e-6, kind="rms"):
+        super().__init__()
+        self.kind = kind
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if kind == "gemma_rms" else torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.kind == "gemma_rms":
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, kind={self.kind}"
+
+
+# ---------------------------------------------------------------------------------------------------------- rotary
+
+
+def rope_inverse_frequencies(head_dim, theta, scaling, device):
+    """Inverse frequencies for RoPE (``default``, ``linear`` and ``llama3`` types), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim))
+    if not scaling or scaling.get("rope_type", "default") == "default":
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":  # same arithmetic as transformers' _compute_llama3_parameters
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {kind!r}")
+
+
+def rotary_cos_sin(position_ids, head_dim, theta, scaling, dtype):
+    """cos/sin tables for ``position_ids`` (B, T) -> each (B, T, head_dim), in ``dtype``."""
+    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ------------------------------------------------------------------------------------------------------- attention
+
+
+class NexusAttention(nn.Module):
+    """Grouped-query attention with optional q/k-norm, biases, sliding window and logit softcap; SDPA by default."""
+
+    def __init__(self, tower_spec, layer_spec, cache_index):
+        super().__init__()
+        hidden = tower_spec["hidden_size"]
+        self.num_heads = layer_spec["num_attention_heads"]
+        self.num_kv_heads = layer_spec["num_key_value_heads"]
+        self.head_dim = layer_spec["head_dim"]
+        self.cache_index = cache_index
+        self.sliding_window = layer_spec["sliding_window"]
+        self.rope_theta = layer_spec["rope_theta"]
+        self.rope_scaling = layer_spec["rope_scaling"]
+        scalar = tower_spec["query_pre_attn_scalar"] or self.head_dim
+        self.scaling = scalar**-0.5
+        self.softcap = tower_spec["attn_logit_softcapping"]
+        bias, out_bias = tower_spec["attention_bias"], tower_spec["attention_out_bias"]
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
+        if tower_spec["qk_norm"]:
+            eps, kind = tower_spec["rms_norm_eps"], tower_spec["norm"]
+            self.q_norm = NexusRMSNorm(self.head_dim, eps, kind)
+            self.k_norm = NexusRMSNorm(self.head_dim, eps, kind)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, position_ids, mask, past_key_values=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, self.rope_scaling, q.dtype)
+        q, k = apply_rotary(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.cache_index)  # (B, nkv, S, hd)
+        attn_mask = mask.get(self.sliding_window)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                is_causal=attn_mask is None and T > 1,
+                scale=self.scaling,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # (B, nh, T, hd)
+        else:  # SDPA has no softcap: eager path
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            scores = (q @ k.transpose(-2, -1)) * self.scaling  # (B, nh, T, S)
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+            if attn_mask is None:
+                attn_mask = mask.causal_bool(T, k.shape[-2], q.device)
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+# ------------------------------------------------------------------------------------------------------------- mlp
+
+
+class NexusMLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``; SwiGLU with ``silu``, GeGLU with ``gelu_pytorch_tanh``."""
+
+    def __init__(self, tower_spec, intermediate_size):
+        super().__init__()
+        hidden, bias = tower_spec["hidden_size"], tower_spec["mlp_bias"]
+        self.gate_proj = nn.Linear(hidden, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden, bias=bias)
+        self.act_fn = ACT2FN[tower_spec["hidden_act"]]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------- layer
+
+
+class NexusDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder block, optionally with Gemma's post-attention / post-feedforward "sandwich" norms.
+
+    A layer with 0 heads has no attention and a layer with 0 FFN neurons has no MLP: that is what pruning leaves.
+    """
+
+    def __init__(self, tower_spec, layer_spec, cache_index):
+        super().__init__()
+        hidden, eps, kind = tower_spec["hidden_size"], tower_spec["rms_norm_eps"], tower_spec["norm"]
+        sandwich = tower_spec["sandwich_norms"]
+        self.self_attn = self.input_layernorm = self.post_attention_layernorm = None
+        self.mlp = self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        if layer_spec["num_attention_heads"] > 0:
+            self.input_layernorm = NexusRMSNorm(hidden, eps, kind)
+            self.self_attn = NexusAttention(tower_spec, layer_spec, cache_index)
+            if sandwich:
+                self.post_attention_layernorm = NexusRMSNorm(hidden, eps, kind)
+        if layer_spec["intermediate_size"] > 0:
+            self.pre_feedforward_layernorm = NexusRMSNorm(hidden, eps, kind)
+            self.mlp = NexusMLP(tower_spec, layer_spec["intermediate_size"])
+            if sandwich:
+                self.post_feedforward_layernorm = NexusRMSNorm(hidden, eps, kind)
+
+    def forward(self, hidden_states, position_ids=None, mask=None, past_key_values=None):
+        if self.self_attn is not None:
+            h = self.self_attn(self.input_layernorm(hidden_states), position_ids, mask, past_key_values)
+            if self.post_attention_layernorm is not None:
+                h = self.post_attention_layernorm(h)
+            hidden_states = hidden_states + h
+        if self.mlp is not None:
+            h = self.mlp(self.pre_feedforward_layernorm(hidden_states))
+            if self.post_feedforward_layernorm is not None:
+                h = self.post_feedforward_layernorm(h)
+            hidden_states = hidden_states + h
+        return hidden_states
+
+
+# ------------------------------------------------------------------------------------------------------------ mask
+
+
+class AttentionMasks:
+    """Builds (and memoises per sliding window) the boolean SDPA masks for one forward call.
+
+    ``get(window)`` returns ``None`` when plain ``is_causal`` (or no mask at all) is exact, which keeps SDPA on its
+    fastest path. Otherwise it returns a (B, 1, T, S) bool mask: causal, within the window, not padding. A query
+    may always see itself, so no row is empty (fully masked rows would give NaN).
+    """
+
+    def __init__(self, attention_mask, past_length, query_length, batch_size, device):
+        self.past_length, self.query_length = past_length, query_length
+        self.key_length = past_length + query_length
+        self.batch_size, self.device = batch_size, device
+        self.padding = None
+        if attention_mask is not None:
+            am = attention_mask[:, -self.key_length :].to(device=device, dtype=torch.bool)  # (B, S)
+            if not bool(am.all()):
+                self.padding = am[:, None, None, :]  # (B, 1, 1, S)
+        self._cache = {}
+
+    def causal_bool(self, T, S, device):
+        q = torch.arange(S - T, S, device=device)[:, None]
+        k = torch.arange(S, device=device)[None, :]
+        return k <= q  # (T, S)
+
+    def get(self, window):
+        needs_window = window is not None and self.key_length > window
+        if self.padding is None and not needs_window and (self.past_length == 0 or self.query_length == 1):
+            return None  # is_causal (prefill) or no mask (one new token) is exact
+        if window not in self._cache:
+            q = torch.arange(self.past_length, self.key_length, device=self.device)[:, None]  # (T, 1)
+            k = torch.arange(self.key_length, device=self.device)[None, :]  # (1, S)
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (k > q - window)
+            allowed = allowed[None, None].expand(self.batch_size, 1, -1, -1)  # (B, 1, T, S)
+            if self.padding is not None:
+                allowed = allowed & self.padding
+            self._cache[window] = allowed | (k == q)[None, None]
+        return self._cache[window]
+
+
+# ----------------------------------------------------------------------------------------------------------- tower
+
+
+@register("tower", "decoder")
+class NexusDecoderTower(nn.Module):
+    """A stack of `NexusDecoderLayer`s with per-layer widths; projections at its edges if its width differs."""
+
+    def __init__(self, config, tower_index):
+        super().__init__()
+        spec = config.towers[tower_index]
+        self.spec = spec
+        self.name = spec.get("name") or f"tower{tower_index}"
+        offset = config.tower_layer_offset(tower_index)
+        self.layers = nn.ModuleList(
+            [NexusDecoderLayer(spec, layer, offset + i) for i, layer in enumerate(spec["layers"])]
+        )
+        if spec["hidden_size"] != config.hidden_size:
+            self.in_proj = nn.Linear(config.hidden_size, spec["hidden_size"], bias=False)
+            self.out_proj = nn.Linear(spec["hidden_size"], config.hidden_size, bias=False)
+        else:
+            self.in_proj = self.out_proj = None
+
+    def forward(self, hidden_states, position_ids, mask, past_key_values=None, collect_hidden=False):
+        hidden = [] if collect_hidden else None
+        if self.in_proj is not None:
+            hidden_states = self.in_proj(hidden_states)
+        for layer in self.layers:
+            if collect_hidden:
+                hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, position_ids=position_ids, mask=mask, past_key_values=past_key_values)
+        if self.out_proj is not None:
+            hidden_states = self.out_proj(hidden_states)
+        return hidden_states, hidden
+
+
+# ---------------------------------------------------------------------------------------------------------- router
+
+
+@register("router", "pooled_linear")
+class NexusPooledRouter(nn.Module):
+    """Linear classifier on the mean of the prompt's (unpadded) input embeddings -> one logit per tower."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, len(config.towers), bias=True)
+
+    def forward(self, inputs_embeds, attention_mask=None):
+        x = inputs_embeds.float()
+        if attention_mask is not None:
+            m = attention_mask[:, -x.shape[1] :].to(x.dtype)[..., None]  # (B, T, 1)
+            pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+        else:
+            pooled = x.mean(1)
+        return self.proj(pooled.to(self.proj.weight.dtype))  # (B, n_towers)
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+class NexusScaledEmbedding(nn.Embedding):
+    """Token embedding times an optional constant (Gemma multiplies by sqrt(hidden) in the weights' dtype)."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, scale=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.scale = scale
+
+    def forward(self, input_ids):
+        x = super().forward(input_ids)
+        if self.scale is None:
+            return x
+        return x * torch.tensor(self.scale, dtype=self.weight.dtype, device=x.device)
+
+
+@dataclass
+class NexusModelOutput(BaseModelOutputWithPast):
+    router_logits: torch.FloatTensor | None = None
+    tower_index: torch.LongTensor | None = None
+
+
+@dataclass
+class NexusCausalLMOutput(CausalLMOutputWithPast):
+    router_logits: torch.FloatTensor | None = None
+    tower_index: torch.LongTensor | None = None
+
+
+class NexusPreTrainedModel(PreTrainedModel):
+    config_class = NexusConfig
+    config: NexusConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NexusDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, NexusRMSNorm):
+            (init.zeros_ if module.kind == "gemma_rms" else init.ones_)(module.weight)
+
+
+class NexusModel(NexusPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = NexusScaledEmbedding(
+            config.vocab_size, config.hidden_size, config.pad_token_id, config.embedding_scale
+        )
+        self.towers = nn.ModuleList(
+            [resolve("tower", spec["type"], f"towers[{i}].type")(config, i) for i, spec in enumerate(config.towers)]
+        )
+        router_cls = resolve("router", config.router["type"], "router.type")
+        self.router = router_cls(config) if len(config.towers) > 1 else None
+        self.norm = NexusRMSNorm(config.hidden_size, config.final_norm_eps, config.final_norm)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def tower_index_for(self, tower=None, capability=None):
+        """Resolve ``tower`` (index or name) or ``capability`` (name) to a tower index; errors list the choices."""
+        if tower is not None and capability is not None:
+            raise ValueError("pass tower= or capability=, not both")
+        if capability is not None:
+            mapping = self.config.capability_to_tower
+            if capability not in mapping:
+                raise ValueError(f"unknown capability {capability!r}; this model serves: {sorted(mapping)}")
+            return mapping[capability]
+        if isinstance(tower, str):
+            names = [t.name for t in self.towers]
+            if tower not in names:
+                raise ValueError(f"unknown tower {tower!r}; towers: {names}")
+            return names.index(tower)
+        if not 0 <= int(tower) < len(self.towers):
+            raise ValueError(f"tower index {tower} out of range: this model has {len(self.towers)} tower(s)")
+        return int(tower)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        tower=None,
+        capability=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
+        B, T, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # --- routing: cached pick (decoding) > caller's pick > router
+        router_logits = None
+        if past_length > 0 and past_key_values.layers[0].keys is not None and past_key_values.layers[0].keys.numel():
+            routes = past_key_values.layers[0].keys[:, 0, 0, 0].round().long()  # (B,)
+        elif tower is not None or capability is not None:
+            routes = torch.full((B,), self.tower_index_for(tower, capability), device=inputs_embeds.device)
+        elif self.router is None:
+            routes = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device)
+        else:
+            router_logits = self.router(inputs_embeds, attention_mask)
+            routes = router_logits.argmax(-1)
+        if past_key_values is not None:  # slot 0: the routing record, one entry per token (keeps get_seq_length right)
+            record = routes.to(inputs_embeds.dtype)[:, None, None, None].expand(B, 1, T, 1)
+            past_key_values.update(record, record, 0)
+
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + T, device=inputs_embeds.device)[None].expand(B, T)
+        mask = AttentionMasks(attention_mask, past_length, T, B, inputs_embeds.device)
+
+        picked = routes.unique().tolist()
+        if output_hidden_states and len(picked) > 1:
+            raise ValueError("output_hidden_states needs one tower per batch: pass tower= or capability=")
+        hidden_states, all_hidden = None, None
+        for t in picked:
+            out, all_hidden = self.towers[t](
+                inputs_embeds, position_ids, mask, past_key_values, collect_hidden=bool(output_hidden_states)
+            )
+            if hidden_states is None:
+                hidden_states = out
+            else:
+                hidden_states = torch.where((routes == t)[:, None, None], out, hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = tuple(all_hidden) + (hidden_states,)
+        return NexusModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            router_logits=router_logits,
+            tower_index=routes,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------ head
+
+
+class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = NexusModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        logits_to_keep=0,
+        tower=None,
+        capability=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            tower=tower,
+            capability=capability,
+        )
+        hidden_states = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)  # (B, T, V)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return NexusCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            router_logits=out.router_logits,
+            tower_index=out.tower_index,
+        )
+
+
+NexusConfig.register_for_auto_class()
+NexusForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+NexusModel.register_for_auto_class("AutoModel")

@@ -31,7 +31,8 @@ def arithmetic_items(n, seed=0, min_digits=3, max_digits=4):
     rng = random.Random(seed)
     items = []
     for _ in range(n):
-        a = rng.randrange(10 ** (rng.randint(min_digits, max_digits) - 1), 10 ** rng.randint(min_digits, max_digits))
+        a_digits = rng.randint(min_digits, max_digits)  # draw the digit count once: two draws could give (1000, 1000)
+        a = rng.randrange(10 ** (a_digits - 1), 10 ** a_digits)
         b = rng.randrange(10 ** (min_digits - 1), 10 ** rng.randint(min_digits, max_digits))
         if rng.random() < 0.5:
             items.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})

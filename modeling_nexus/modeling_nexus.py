@@ -131,18 +131,18 @@ class NexusAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, position_ids, mask, past_key_values=None):
+    def forward(self, x, ctx, past_key_values=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, self.rope_scaling, q.dtype)
+        cos, sin = ctx.rotary(self.head_dim, self.rope_theta, self.rope_scaling, x.dtype)  # as HF: input dtype
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.cache_index)  # (B, nkv, S, hd)
-        attn_mask = mask.get(self.sliding_window)
+        attn_mask = ctx.mask(self.sliding_window)
         if self.softcap is None:
             y = F.scaled_dot_product_attention(
                 q, k, v,
@@ -157,7 +157,7 @@ class NexusAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) * self.scaling  # (B, nh, T, S)
             scores = torch.tanh(scores / self.softcap) * self.softcap
             if attn_mask is None:
-                attn_mask = mask.causal_bool(T, k.shape[-2], q.device)
+                attn_mask = ctx.causal_bool()
             scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
             y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
@@ -208,9 +208,9 @@ class NexusDecoderLayer(GradientCheckpointingLayer):
             if sandwich:
                 self.post_feedforward_layernorm = NexusRMSNorm(hidden, eps, kind)
 
-    def forward(self, hidden_states, position_ids=None, mask=None, past_key_values=None):
+    def forward(self, hidden_states, ctx=None, past_key_values=None):
         if self.self_attn is not None:
-            h = self.self_attn(self.input_layernorm(hidden_states), position_ids, mask, past_key_values)
+            h = self.self_attn(self.input_layernorm(hidden_states), ctx, past_key_values)
             if self.post_attention_layernorm is not None:
                 h = self.post_attention_layernorm(h)
             hidden_states = hidden_states + h
@@ -222,18 +222,19 @@ class NexusDecoderLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
-# ------------------------------------------------------------------------------------------------------------ mask
+# --------------------------------------------------------------------------------------------- per-call context
 
 
-class AttentionMasks:
-    """Builds (and memoises per sliding window) the boolean SDPA masks for one forward call.
+class ForwardContext:
+    """What every layer of one forward call shares, built once and memoised: RoPE tables and attention masks.
 
-    ``get(window)`` returns ``None`` when plain ``is_causal`` (or no mask at all) is exact, which keeps SDPA on its
-    fastest path. Otherwise it returns a (B, 1, T, S) bool mask: causal, within the window, not padding. A query
-    may always see itself, so no row is empty (fully masked rows would give NaN).
+    ``mask(window)`` returns ``None`` when plain ``is_causal`` (or no mask at all) is exact, which keeps SDPA on its
+    fastest path. Otherwise it is a (B, 1, T, S) bool mask: causal, within the window, not padding. A query may
+    always see itself, so no row is empty (a fully masked row would give NaN).
     """
 
-    def __init__(self, attention_mask, past_length, query_length, batch_size, device):
+    def __init__(self, attention_mask, position_ids, past_length, query_length, batch_size, device):
+        self.position_ids = position_ids  # (B, T)
         self.past_length, self.query_length = past_length, query_length
         self.key_length = past_length + query_length
         self.batch_size, self.device = batch_size, device
@@ -242,18 +243,24 @@ class AttentionMasks:
             am = attention_mask[:, -self.key_length :].to(device=device, dtype=torch.bool)  # (B, S)
             if not bool(am.all()):
                 self.padding = am[:, None, None, :]  # (B, 1, 1, S)
-        self._cache = {}
+        self._masks, self._rotary = {}, {}
 
-    def causal_bool(self, T, S, device):
-        q = torch.arange(S - T, S, device=device)[:, None]
-        k = torch.arange(S, device=device)[None, :]
+    def rotary(self, head_dim, theta, scaling, dtype):
+        key = (head_dim, theta, repr(scaling), dtype)
+        if key not in self._rotary:
+            self._rotary[key] = rotary_cos_sin(self.position_ids, head_dim, theta, scaling, dtype)
+        return self._rotary[key]
+
+    def causal_bool(self):
+        q = torch.arange(self.past_length, self.key_length, device=self.device)[:, None]
+        k = torch.arange(self.key_length, device=self.device)[None, :]
         return k <= q  # (T, S)
 
-    def get(self, window):
+    def mask(self, window):
         needs_window = window is not None and self.key_length > window
         if self.padding is None and not needs_window and (self.past_length == 0 or self.query_length == 1):
             return None  # is_causal (prefill) or no mask (one new token) is exact
-        if window not in self._cache:
+        if window not in self._masks:
             q = torch.arange(self.past_length, self.key_length, device=self.device)[:, None]  # (T, 1)
             k = torch.arange(self.key_length, device=self.device)[None, :]  # (1, S)
             allowed = k <= q
@@ -262,8 +269,8 @@ class AttentionMasks:
             allowed = allowed[None, None].expand(self.batch_size, 1, -1, -1)  # (B, 1, T, S)
             if self.padding is not None:
                 allowed = allowed & self.padding
-            self._cache[window] = allowed | (k == q)[None, None]
-        return self._cache[window]
+            self._masks[window] = allowed | (k == q)[None, None]
+        return self._masks[window]
 
 
 # ----------------------------------------------------------------------------------------------------------- tower
@@ -288,14 +295,14 @@ class NexusDecoderTower(nn.Module):
         else:
             self.in_proj = self.out_proj = None
 
-    def forward(self, hidden_states, position_ids, mask, past_key_values=None, collect_hidden=False):
+    def forward(self, hidden_states, ctx, past_key_values=None, collect_hidden=False):
         hidden = [] if collect_hidden else None
         if self.in_proj is not None:
             hidden_states = self.in_proj(hidden_states)
         for layer in self.layers:
             if collect_hidden:
                 hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, position_ids=position_ids, mask=mask, past_key_values=past_key_values)
+            hidden_states = layer(hidden_states, ctx=ctx, past_key_values=past_key_values)
         if self.out_proj is not None:
             hidden_states = self.out_proj(hidden_states)
         return hidden_states, hidden
@@ -453,7 +460,7 @@ class NexusModel(NexusPreTrainedModel):
 
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + T, device=inputs_embeds.device)[None].expand(B, T)
-        mask = AttentionMasks(attention_mask, past_length, T, B, inputs_embeds.device)
+        ctx = ForwardContext(attention_mask, position_ids, past_length, T, B, inputs_embeds.device)
 
         picked = routes.unique().tolist()
         if output_hidden_states and len(picked) > 1:
@@ -461,7 +468,7 @@ class NexusModel(NexusPreTrainedModel):
         hidden_states, all_hidden = None, None
         for t in picked:
             out, all_hidden = self.towers[t](
-                inputs_embeds, position_ids, mask, past_key_values, collect_hidden=bool(output_hidden_states)
+                inputs_embeds, ctx, past_key_values, collect_hidden=bool(output_hidden_states)
             )
             if hidden_states is None:
                 hidden_states = out

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random teachers of every supported family, saved as HF folders with a tokenizer.
+
+Nothing here downloads: configs are built in code, weights are random, tokenizers are built from a character list.
+"""
+
+import string
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+TINY_VOCAB = 97
+_COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def tiny_teacher(family, seed=0):
+    """A tiny random HF teacher of ``family``; norms and biases are perturbed so a mapping error shows in logits."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_COMMON, tie_word_embeddings=False))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON, tie_word_embeddings=False))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**_COMMON, head_dim=16, tie_word_embeddings=True))
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **_COMMON, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with exactly TINY_VOCAB entries (specials + printable ASCII)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    printable = [c for c in string.printable if not c.isspace()]
+    chars = (["<pad>", "<s>", "</s>", "<unk>", " ", "\n"] + printable)[:TINY_VOCAB]
+    vocab = {c: i for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def teacher_dir(request, tmp_path_factory):
+    """(family, folder) of a saved tiny random teacher with a tokenizer, one per supported family."""
+    family = request.param
+    out = tmp_path_factory.mktemp(f"teacher-{family}")
+    tiny_teacher(family).save_pretrained(out)
+    char_tokenizer().save_pretrained(out)
+    return family, out
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher-llama-only")
+    tiny_teacher("llama").save_pretrained(out)
+    char_tokenizer().save_pretrained(out)
+    return out

@@ -19,17 +19,24 @@ def import_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow loading .bin/.pt pickle weights"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the teacher's remote code"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
+    cache_root: str = typer.Option(None, "--cache-root", help="where a .gguf is dequantised once (default ~/.cache/nexus/gguf)"),
 ):
     """Convert one teacher into a one-tower Nexus checkpoint (lossless)."""
     from .conversion.teacher_import import import_teacher
 
     with clean_errors():
         path = import_teacher(src, out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                              overwrite=overwrite)
+                              overwrite=overwrite, cache_root=cache_root)
     typer.echo(f"wrote {path}")
 
 
 # Other subcommands live in their own files and register here.
+from .localise_command import localise  # noqa: E402
+app.command("localise")(localise)
+from .compress_command import compress  # noqa: E402
+app.command("compress")(compress)
+from .profile_command import profile  # noqa: E402
+app.command("profile")(profile)
 # (profile: cli/profile_command.py)
 
 

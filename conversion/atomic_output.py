@@ -28,6 +28,9 @@ def atomic_dir(target, overwrite=False):
         raise OSError(f"cannot write output {target}: {exc.strerror or exc}") from exc
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the user's usual permissions
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -462,7 +462,7 @@ class NexusModel(NexusPreTrainedModel):
             position_ids = torch.arange(past_length, past_length + T, device=inputs_embeds.device)[None].expand(B, T)
         ctx = ForwardContext(attention_mask, position_ids, past_length, T, B, inputs_embeds.device)
 
-        picked = routes.unique().tolist()
+        picked = [0] if len(self.towers) == 1 else routes.unique().tolist()
         if output_hidden_states and len(picked) > 1:
             raise ValueError("output_hidden_states needs one tower per batch: pass tower= or capability=")
         hidden_states, all_hidden = None, None

@@ -131,7 +131,6 @@ def test_lora_wraps_every_attention_projection_and_nothing_else(trained_lora):
 
 def test_lora_steps_lower_the_loss_and_leave_the_base_alone(trained_lora):
     t = trained_lora
-    print(f"{t['style']}: LoRA loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}")
     assert t["loss_after"] < t["loss_before"] - 0.05, (
         f"{t['style']}: LoRA training did not lower the loss: {t['loss_before']:.4f} -> {t['loss_after']:.4f} "
         f"(curve {[round(x, 4) for x in t['losses']]})"

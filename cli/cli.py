@@ -37,7 +37,8 @@ from .compress_command import compress  # noqa: E402
 app.command("compress")(compress)
 from .profile_command import profile  # noqa: E402
 app.command("profile")(profile)
-# (profile: cli/profile_command.py)
+from .demo_command import demo  # noqa: E402
+app.command("demo")(demo)
 
 
 if __name__ == "__main__":

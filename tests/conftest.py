@@ -88,3 +88,59 @@ def llama_dir(tmp_path_factory):
     tiny_teacher("llama").save_pretrained(out)
     char_tokenizer().save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- profile: two tokenizers, two families (issue 3)
+
+
+def digits_tokenizer():
+    """A character tokenizer that knows only digits, + - = and whitespace: prose is almost all <unk> to it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = ["<pad>", "<s>", "</s>", "<unk>", " ", "\n"] + list("0123456789+-=")
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def small_bpe_tokenizer(vocab_size=320):
+    """A byte-level BPE (lossless, no BOS, EOS only, like Qwen's) trained on ~12 KB of the bundled prose and code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from nexus.conversion.corpora import corpus_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = corpus_text("prose", "train")[:6000] + corpus_text("code", "train")[:6000]
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def profile_tokenizers():
+    """The profile tests' tokenizers: ``char`` (97-entry char-level WordLevel, BOS), ``bpe`` (byte-level BPE, EOS
+    only) and ``digits`` (a char tokenizer that cannot represent prose)."""
+    return {"char": char_tokenizer(), "bpe": small_bpe_tokenizer(), "digits": digits_tokenizer()}
+
+
+@pytest.fixture(scope="session")
+def profile_teachers(profile_tokenizers, tmp_path_factory):
+    """Saved tiny random teachers for profiling: name -> HF folder. ``llama_char`` (Llama + char tokenizer),
+    ``qwen_bpe`` (Qwen3 + BPE tokenizer), ``gemma_digits`` (Gemma 3 + digits-only tokenizer)."""
+    root = tmp_path_factory.mktemp("profile-teachers")
+    qwen = Qwen3ForCausalLM(Qwen3Config(**{**_COMMON, "vocab_size": len(profile_tokenizers["bpe"])}, head_dim=16,
+                                        tie_word_embeddings=True)).eval()
+    models = {"llama_char": (tiny_teacher("llama", seed=1), "char"), "qwen_bpe": (qwen, "bpe"),
+              "gemma_digits": (tiny_teacher("gemma3", seed=2), "digits")}
+    out = {}
+    for name, (model, tok) in models.items():
+        out[name] = root / name
+        model.save_pretrained(out[name])
+        profile_tokenizers[tok].save_pretrained(out[name])
+    return out

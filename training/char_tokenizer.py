@@ -28,9 +28,6 @@ def build_char_tokenizer(alphabet: str = PRINTABLE_ASCII, model_max_length: int 
     if not isinstance(alphabet, str) or not alphabet:
         raise ValueError("alphabet: give a non-empty string of the characters the tokenizer must know")
     chars = list(dict.fromkeys(alphabet))
-    clash = [tok for tok in SPECIAL_TOKENS if tok in chars]
-    if clash:
-        raise ValueError(f"alphabet: the special token(s) {clash} cannot also be characters")
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in chars:
         vocab[ch] = len(vocab)

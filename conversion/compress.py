@@ -1,0 +1,410 @@
+"""The compress stage: which structures of a teacher to keep under a budget. One pruner, several scorers.
+
+Pipeline (`compress_model`), on a one-tower Nexus copy of the teacher (`nexus_from_teacher`, exact weights):
+
+1. **vocabulary** (`vocab_trim`): keep the tokens the capabilities' calibration text uses, every special/chat token,
+   the byte fallbacks and the BPE merge paths; slice the embedding to them; write the reduced tokenizer;
+2. **importance** (`importance`): the recipe's scorer (``capability`` by default, or a baseline: ``minitron``,
+   ``magnitude``, ``weight_pca``, ``random``) scores every head, FFN unit, layer and hidden channel, from
+   calibration statistics (`structure_statistics`, one forward/backward per window on each capability's training
+   text) and, for ``capability``, the localisation feature map;
+3. **budget** (`budget`): per-layer widths from the scores under the parameter (or memory) budget, dynamic
+   (global ranking) or uniform (Minitron);
+4. **slicing** (`structured_prune.apply_prune_plan`): exact removal of what the plan drops;
+5. optionally **low rank** (`low_rank`): rank-r reconstruction of every projection (activation-aware or plain SVD).
+
+Writes ``runs/<name>/compress/``: the student's initial tower as a Nexus checkpoint (``config.json``,
+``model.safetensors``, modeling files for ``trust_remote_code``, the trimmed tokenizer) and ``compress.json`` (kept
+structures, parameter counts, notes, calibration sources, the safetensors size) — atomically; a rerun with the same
+inputs is skipped.
+
+Sample recipe section (every field optional)::
+
+    stages:
+      compress:
+        teacher: gemma                 # default: the first teacher
+        scorer: capability             # capability | minitron | magnitude | weight_pca | random
+        budget: {fraction: 0.5, counts: non_embedding}   # default: student.budget
+        vocab: {trim: true}
+        calibration_tokens: 4096       # per capability
+        hidden_keep: 1.0               # fraction of residual channels kept
+        drop_layers: 0                 # whole layers removed (lowest layer scores)
+
+Sources: first-order Taylor importance (Molchanov et al. 2019; LLM-Pruner, Ma et al. 2023), Minitron (Muralidharan
+et al. 2024), SliceGPT (Ashkboos et al. 2024), block influence (ShortGPT, Men et al. 2024), SVD-LLM (Wang et al. 2024).
+"""
+
+import gc
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .atomic_output import atomic_dir, atomic_file
+from .budget import AllocationOptions, BudgetError, allocate, config_parameter_count, resolve_budget
+from .calibration import calibration_text, token_windows
+from .decoder_units import DecoderUnits
+from .importance import SCORERS, make_scorer
+from .structure_statistics import collect_structure_statistics
+from .structured_prune import PrunePlan, apply_prune_plan, parameter_count
+from .vocab_trim import kept_vocabulary, trim_tokenizer
+
+STAGE = "compress"
+SCHEMA = "nexus.compress/1"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CompressBudget(_Strict):
+    params: int | None = Field(None, gt=0, description="at most this many parameters (counted as `counts` says)")
+    fraction: float | None = Field(None, gt=0, le=1, description="at most this fraction of the teacher's parameters")
+    memory_gb: float | None = Field(None, gt=0, description="weights must fit this many GB in bf16 (counts all)")
+    counts: Literal["non_embedding", "total"] = Field(
+        "non_embedding", description="whether the embedding (and an untied head) count toward params/fraction")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if sum(x is not None for x in (self.params, self.fraction, self.memory_gb)) != 1:
+            raise ValueError("give exactly one of params, fraction or memory_gb")
+        return self
+
+
+class VocabOptions(_Strict):
+    trim: bool = Field(True, description="keep only the tokens the capabilities use (plus specials and fallbacks)")
+    drop_special: str | None = Field(r"^<unused\d+>$",
+                                     description="special tokens matching this regex are dropped (reserved slots)")
+    extra_tokens: list[str] = Field(default_factory=list, description="tokens to keep whatever the corpora use")
+
+
+class LowRankOptions(_Strict):
+    method: Literal["activation", "weight"] = Field(
+        "activation", description="activation-aware SVD in the capabilities' input subspace, or plain weight SVD")
+    keep: float = Field(0.5, gt=0, lt=1, description="each projection's factors hold this share of its parameters")
+
+
+class CompressOptions(_Strict):
+    teacher: str | None = Field(None, description="the teacher to compress (default: the recipe's first teacher)")
+    scorer: str = Field("capability", description=f"importance scorer: one of {', '.join(sorted(SCORERS))}")
+    scorer_options: dict[str, Any] = Field(default_factory=dict, description="the scorer's own options")
+    budget: CompressBudget | None = Field(None, description="the tower's budget (default: student.budget)")
+    allocation: Literal["dynamic", "uniform"] | None = Field(
+        None, description="per-layer widths by global ranking or uniform (default: the scorer's own)")
+    hidden_keep: float = Field(1.0, gt=0, le=1, description="fraction of residual channels kept")
+    drop_layers: int = Field(0, ge=0, description="how many whole layers to remove (lowest layer scores)")
+    min_width: float = Field(0.0, ge=0, le=1, description="each layer keeps at least this fraction of its units")
+    vocab: VocabOptions = Field(default_factory=VocabOptions, description="vocabulary trimming")
+    calibration_tokens: int = Field(4096, ge=16, description="calibration tokens per capability (training text)")
+    window_tokens: int = Field(256, ge=8, description="tokens per calibration window")
+    batch_size: int = Field(2, ge=1, description="windows per forward/backward pass")
+    feature_map: Path | None = Field(
+        None, description="localisation feature map (default: runs/<name>/localise/feature_map.json when present)")
+    low_rank: LowRankOptions | None = Field(None, description="also factorise every projection (quality only: "
+                                                              "the checkpoint stores dense weights)")
+    autocast: bool = Field(True, description="bf16 autocast for the calibration passes")
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value):
+        if value not in SCORERS:
+            raise ValueError(f"unknown scorer {value!r}; registered scorers: {', '.join(sorted(SCORERS))}")
+        return value
+
+
+def _register():
+    from .recipe import STAGE_OPTIONS, register_stage_options
+
+    if STAGE not in STAGE_OPTIONS:
+        register_stage_options(STAGE, CompressOptions)
+
+
+_register()
+
+
+class CompressError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- feature map
+
+
+def feature_map_scores(fm, teacher, units):
+    """``{cap: {"heads", "neurons", "layers", "confidence"}}`` from a feature map, for the capability scorer.
+
+    Uses each present capability's first-order unit importance (``activation.<kind>.importance``) and its
+    layer-ablation drop (``perturbation.layer.drop``), negative values clipped to 0; the term's weight is the
+    localiser's overall confidence. The map must describe the same architecture as ``units``.
+    """
+    if teacher not in fm:
+        return {}
+    entry = fm[teacher]
+    model = entry["_model"]
+    if model["num_layers"] != len(units.layers) or model["heads"] != units.widths("head") or \
+            model["ffn"] != units.widths("neuron"):
+        raise CompressError(f"the feature map's {teacher!r} entry describes another architecture "
+                            f"({model['num_layers']} layers) than the teacher being compressed")
+    out = {}
+    for cap, c in entry.items():
+        if cap.startswith("_") or not c.get("present"):
+            continue
+
+        def per_layer(kind):
+            values = c["activation"][kind]["importance"]
+            return [None if v is None else torch.tensor([0.0 if x is None else max(0.0, float(x)) for x in v])
+                    for v in values]
+
+        drops = c["perturbation"]["layer"]["drop"]
+        out[cap] = {"heads": per_layer("head"), "neurons": per_layer("neuron"),
+                    "layers": torch.tensor([0.0 if d is None else max(0.0, float(d)) for d in drops]),
+                    "confidence": float(c["confidence"].get("overall") or 0.0)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- library
+
+
+class Capability:
+    """A capability as compression sees it: a name, a weight and its calibration text."""
+
+    def __init__(self, name, text, weight=1.0, source=""):
+        if not text or not text.strip():
+            raise CompressError(f"capability {name!r}: empty calibration text")
+        self.name, self.text, self.weight, self.source = name, text, float(weight), source
+
+
+def _progress(console, enabled):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not enabled, transient=True)
+
+
+def compress_model(model, tokenizer, capabilities, options=None, budget=None, feature_map=None, out_dir=None,
+                   console=None, show_progress=False):
+    """Compress the one-tower Nexus ``model``; returns ``(student, student_tokenizer, record)``.
+
+    ``capabilities`` is a list of `Capability`; ``budget`` a `budget.Budget` (default: from ``options.budget``);
+    ``feature_map`` the `feature_map_scores` dict. With ``out_dir`` the trimmed tokenizer is written there (the
+    caller's staging folder); without it, vocabulary trimming works in a temporary folder.
+    """
+    import tempfile
+
+    options = options or CompressOptions()
+    if not capabilities:
+        raise CompressError("compression needs at least one capability with calibration text")
+    if len(model.config.towers) != 1:
+        raise CompressError(f"compress expects a one-tower model (an imported teacher), got {len(model.config.towers)}")
+    timings, t0 = {}, time.time()
+    teacher_counts = config_parameter_count(model.config)
+    if budget is None:
+        if options.budget is None:
+            raise CompressError("no budget: set stages.compress.budget or student.budget")
+        b = options.budget
+        budget = resolve_budget(b.params, b.fraction, b.memory_gb, b.counts, teacher_counts=teacher_counts)
+    scorer = make_scorer(options.scorer, **options.scorer_options)
+    allocation = options.allocation or scorer.allocation
+    weights = {c.name: c.weight for c in capabilities}
+    record = {"schema": SCHEMA, "scorer": options.scorer, "scorer_options": options.scorer_options,
+              "allocation": allocation, "budget": {"params": budget.params, "counts": budget.counts,
+                                                   "source": budget.source},
+              "params": {"teacher": teacher_counts}, "notes": [],
+              "capabilities": {c.name: {"weight": c.weight, "calibration": c.source} for c in capabilities}}
+
+    # 1. vocabulary
+    student_tok = tokenizer
+    if options.vocab.trim:
+        trim = kept_vocabulary(tokenizer, [c.text for c in capabilities], options.vocab.drop_special,
+                               options.vocab.extra_tokens)
+        with tempfile.TemporaryDirectory(prefix="nexus-vocab-") as scratch:
+            student_tok = trim_tokenizer(tokenizer, trim, Path(out_dir) if out_dir else Path(scratch),
+                                         check_texts=[c.text for c in capabilities])
+        model, notes = apply_prune_plan(model, PrunePlan(vocab=trim.kept_ids))
+        record["vocab"] = {**trim.summary(), "kept_ids": trim.kept_ids}
+        record["notes"] += notes
+    else:
+        record["vocab"] = {"original_size": model.config.vocab_size, "kept": model.config.vocab_size}
+    record["params"]["after_vocab"] = config_parameter_count(model.config)
+    timings["vocab"] = time.time() - t0
+
+    # 2. importance
+    units = DecoderUnits(model)
+    statistics = None
+    t1 = time.time()
+    if scorer.needs:
+        windows = {c.name: token_windows(student_tok, c.text, options.calibration_tokens, options.window_tokens)
+                   for c in capabilities}
+        statistics = {}
+        with _progress(console, show_progress) as progress:
+            for c in capabilities:
+                task = progress.add_task(f"importance: {c.name}", total=windows[c.name].shape[0])
+                statistics[c.name] = collect_structure_statistics(
+                    model, windows[c.name], gradients=scorer.needs == "gradients", autocast=options.autocast,
+                    batch_size=options.batch_size, advance=lambda k, task=task: progress.advance(task, k))
+        for c in capabilities:
+            record["capabilities"][c.name]["calibration_tokens"] = statistics[c.name].tokens
+    if feature_map and options.scorer == "capability":
+        record["feature_map"] = {cap: {"confidence": v["confidence"]} for cap, v in feature_map.items()}
+    elif options.scorer == "capability":
+        record["notes"].append("no localisation feature map: capability importance = gradient-Taylor + activation")
+    scores = scorer.score(units, statistics, weights, feature_map if options.scorer == "capability" else None)
+    scores.check(units)
+    timings["importance"] = time.time() - t1
+
+    # 3. budget
+    alloc = allocate(model.config, scores, budget, AllocationOptions(
+        allocation=allocation, hidden_keep=options.hidden_keep, drop_layers=options.drop_layers,
+        min_width=options.min_width))
+
+    # 4. slicing
+    student, notes = apply_prune_plan(model, alloc.plan)
+    record["notes"] += notes
+    counted = parameter_count(student)
+    if counted != alloc.params["total"]:
+        raise RuntimeError(f"planned {alloc.params['total']} parameters but the pruned model has {counted}")
+    record["params"]["student"] = alloc.params
+    record["keep_fraction"] = alloc.keep_fraction
+    record["kept"] = _kept_record(alloc, units)
+    timings["prune"] = time.time() - t1 - timings["importance"]
+
+    # 5. low rank
+    if options.low_rank is not None:
+        from .low_rank import input_covariances, low_rank_model, weighted_covariances
+
+        t2 = time.time()
+        covs = None
+        if options.low_rank.method == "activation":
+            covs = weighted_covariances(
+                {c.name: input_covariances(student, token_windows(student_tok, c.text, options.calibration_tokens,
+                                                                  options.window_tokens), autocast=options.autocast)
+                 for c in capabilities}, weights)
+        student, report = low_rank_model(student, options.low_rank.keep, options.low_rank.method, covs)
+        record["low_rank"] = report
+        record["notes"].append(f"low rank ({report['method']}): stored dense; factored it would hold "
+                               f"{report['factored_params']:,} of {report['dense_params']:,} projection params")
+        timings["low_rank"] = time.time() - t2
+    timings["total"] = time.time() - t0
+    record["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    return student, student_tok, record
+
+
+def _kept_record(alloc, units):
+    layers = []
+    for w in alloc.widths:
+        info = units.layers[w["layer"]]
+        group = info.group_size or 1
+        tplan = alloc.plan.towers[0]
+        neurons = tplan.neurons.get(w["layer"], list(range(info.ffn_size)) if not w["dropped"] else [])
+        layers.append({"layer": w["layer"], "dropped": w["dropped"], "heads": w["heads"],
+                       "kv_groups": sorted({h // group for h in w["heads"]}), "ffn": w["ffn"],
+                       "neurons": neurons if w["ffn"] else []})
+    return {"hidden_channels": alloc.plan.hidden_channels, "layers": layers}
+
+
+def write_compressed(student, tokenizer, record, out, overwrite=True):
+    """Write the checkpoint + tokenizer + ``compress.json`` into ``out`` atomically; returns the record."""
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = sorted(tmp.glob("*.safetensors"))
+        record = dict(record, checkpoint={
+            "files": [f.name for f in files], "safetensors_bytes": sum(f.stat().st_size for f in files),
+            "dtype": str(next(student.parameters()).dtype).removeprefix("torch."),
+            "params": parameter_count(student)})
+        with atomic_file(tmp / "compress.json") as f:
+            f.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def compress_inputs(recipe, options, teacher, fm_path):
+    def stamp(path):
+        path = Path(path)
+        return [str(path), path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else [str(path)]
+
+    return {"options": options.model_dump(mode="json"), "teacher": teacher.model_dump(mode="json"),
+            "teacher_stamp": stamp(teacher.source),
+            "capabilities": [c.model_dump(mode="json") for c in recipe.capabilities],
+            "student": recipe.student.model_dump(mode="json"),
+            "feature_map": stamp(fm_path) if fm_path else None}
+
+
+def run_compress(recipe, console=None, show_progress=True, force=False) -> dict:
+    """Run the compress stage of ``recipe``; returns ``compress.json``'s record with ``path`` and ``reused``."""
+    from .feature_map import load_feature_map
+    from .probes import probe_class
+    from .recipe import write_resolved_recipe
+    from .teacher_import import nexus_from_teacher
+    from .teacher_source import load_teacher
+
+    options = recipe.stage(STAGE)
+    names = [t.name for t in recipe.teachers]
+    if options.teacher is not None and options.teacher not in names:
+        raise CompressError(f"stages.compress.teacher: unknown teacher {options.teacher!r}; teachers: "
+                            f"{', '.join(names)}")
+    teacher = recipe.teacher(options.teacher or names[0])
+    fm_path = options.feature_map
+    if fm_path is None and options.scorer == "capability":
+        default = recipe.run_path / "localise" / "feature_map.json"
+        fm_path = default if default.is_file() else None
+    capabilities = []
+    for i, cap in enumerate(recipe.capabilities):
+        kind = probe_class(cap.probe).data_kind
+        if kind not in ("text", "jsonl"):
+            continue
+        text, source = calibration_text(cap.data, kind)
+        capabilities.append(Capability(cap.name, text, cap.weight, source))
+    if not capabilities:
+        raise CompressError("no capability has text or JSONL data to calibrate compression on")
+    out = recipe.run_path / STAGE
+    inputs = compress_inputs(recipe, options, teacher, fm_path)
+    manifest = out / "compress.json"
+    if not force and manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("inputs_digest") == _digest(inputs):
+            return {**previous, "path": str(out), "reused": True}
+    run_existed = recipe.run_path.exists()
+    try:
+        hf, tokenizer = load_teacher(teacher.source, DTYPES[teacher.dtype], teacher.allow_pickle,
+                                     teacher.trust_remote_code, recipe.cache_dir)
+        model = nexus_from_teacher(hf, name=teacher.name, capabilities=[c.name for c in capabilities])
+        del hf
+        gc.collect()
+        teacher_counts = config_parameter_count(model.config)
+        b = options.budget or recipe.student.budget  # the student's budget counts every parameter
+        try:
+            budget = resolve_budget(getattr(b, "params", None), getattr(b, "fraction", None),
+                                    getattr(b, "memory_gb", None), getattr(b, "counts", "total"),
+                                    teacher_counts=teacher_counts)
+        except BudgetError as exc:
+            raise BudgetError(f"{'stages.compress.budget' if options.budget else 'student.budget'}: {exc}") from None
+        feature_map = None
+        if fm_path is not None:
+            feature_map = feature_map_scores(load_feature_map(fm_path), teacher.name, DecoderUnits(model)) or None
+        student, student_tok, record = compress_model(model, tokenizer, capabilities, options, budget, feature_map,
+                                                      console=console, show_progress=show_progress)
+        record["teacher"] = {"name": teacher.name, "source": str(teacher.source)}
+        record["feature_map_path"] = str(fm_path) if fm_path else None
+        record["inputs_digest"] = _digest(inputs)
+        record = write_compressed(student, student_tok, record, out)
+        write_resolved_recipe(recipe, recipe.run_path)
+    except BaseException:
+        if not run_existed and recipe.run_path.is_dir() and not any(recipe.run_path.iterdir()):
+            recipe.run_path.rmdir()
+        raise
+    return {**record, "path": str(out), "reused": False}

@@ -272,6 +272,12 @@ def test_exact_match_bad_data_names_the_file_and_line(tmp_path):
     assert probe_class("exact_match")(numeric).load().answers == ["2"]
 
 
+def test_exact_match_drops_leading_blank_lines_then_cuts_at_the_stop(tmp_path):
+    probe = probe_class("exact_match")("bundled:arithmetic", {}, FAST)
+    assert probe._clean("\n\n 1801\n2+2=4") == "1801"
+    assert probe._clean("1801 ") == "1801"
+
+
 def test_exact_match_baseline_is_the_majority_answer(tmp_path):
     data = write_jsonl(tmp_path / "yn.jsonl", [{"prompt": f"q{i}", "answer": a} for i, a in enumerate("yyyn")])
     assert probe_class("exact_match")(data, {}, FAST).load().baseline()["score"] == pytest.approx(0.75)

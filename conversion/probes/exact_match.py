@@ -1,8 +1,8 @@
 """`exact_match` probe: JSONL ``{"prompt": ..., "answer": ...}`` -> greedy decoding -> exact match.
 
 The prompt is tokenised as the tokenizer does by default (with its BOS when it adds one), the model decodes greedily
-(``generate(do_sample=False)``), the continuation is cut at the first stop string (a newline by default), stripped,
-and compared with the stripped answer. Prompts of equal token length are batched together, so no padding is needed
+(``generate(do_sample=False)``), leading whitespace is dropped, the continuation is cut at the first stop string (a
+newline by default), stripped, and compared with the stripped answer. Prompts of equal token length are batched together, so no padding is needed
 and batching cannot change a result. The baseline is the majority answer (the most common answer's share of items).
 """
 
@@ -68,6 +68,7 @@ class ExactMatchProbe(Probe):
         return None
 
     def _clean(self, text):
+        text = text.lstrip()  # a base model often opens with blank lines ("\n\n1801"): not a stop
         for stop in self.options.stop:
             if stop and stop in text:
                 text = text[:text.index(stop)]

@@ -10,8 +10,11 @@ of the pruned checkpoint; activation-aware vs plain SVD at equal rank; OT mergin
    from their *training* slices (``corpus_text(name, "train")``), evaluation is the `lm` probe on the held-out
    slices (next-token accuracy and bits per byte, bootstrap 95% CIs over 1000-character chunks), right after
    pruning, with no training. Every row is the same pruner (`budget.allocate` + `apply_prune_plan`) with another
-   scorer, at the same budget; "Δbpb" is the paired bootstrap difference to the capability-weighted row on the same
-   chunks (positive = worse than capability-weighted).
+   scorer and/or per-layer allocation, at the same budget: the headline row is the stage's default (capability
+   scores, ``allocation=auto``: uniform or dynamic with bounded per-layer deviation, whichever has the lowest loss
+   on 1024 further *training* tokens per capability); the other capability rows fix the allocation, and the
+   baselines run with dynamic and uniform widths. "Δbpb" is the paired bootstrap difference to the headline row on
+   the same chunks (positive = worse than capability-weighted).
 2. **Tokenizer** (acceptance 2): the trimmed tokenizer vs the original on the kept domain (training text: identical
    tokens modulo the id remap, identical decoding) and on held-out text (decoding; share of tokens changed).
 3. **Fresh process** (acceptance 3): the capability-pruned checkpoint (written by `compress.write_compressed`) is
@@ -53,7 +56,7 @@ from nexus.conversion.atomic_output import atomic_file
 from nexus.conversion.bootstrap import bootstrap_ci
 from nexus.conversion.budget import AllocationOptions, allocate, config_parameter_count, resolve_budget
 from nexus.conversion.calibration import token_windows
-from nexus.conversion.compress import CompressOptions, _kept_record, write_compressed
+from nexus.conversion.compress import CompressOptions, _after_tokens, _kept_record, select_allocation, write_compressed
 from nexus.conversion.corpora import corpus_text
 from nexus.conversion.decoder_units import DecoderUnits
 from nexus.conversion.importance import make_scorer
@@ -70,9 +73,11 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 REPO = HERE.parent
 CAPS = ("prose", "code")
+HEADLINE = "capability (auto allocation)"
+NO_FEATURE_MAP = "no localisation feature map: capability importance = gradient-Taylor + activation"
 WEIGHTS = {"prose": 1.0, "code": 1.0}
 LN2 = math.log(2.0)
-console = Console()
+console = Console(width=200)
 
 
 def log(msg):
@@ -190,30 +195,43 @@ def gemma_pruning(args, results):
 
     budget = resolve_budget(fraction=0.5, counts="non_embedding", teacher_counts=counts["teacher"])
     units = DecoderUnits(trimmed)
-    variants = [("capability", "capability", {}, None), ("capability", "capability (uniform widths)", {}, "uniform"),
-                ("minitron", "minitron", {}, None), ("magnitude", "magnitude", {}, None),
-                ("weight_pca", "weight_pca", {}, None)]
-    variants += [("random", f"random (seed {s})", {"seed": s}, None) for s in range(args.random_seeds)]
-    kept = {}
+    # every scorer through the same pruner; allocation variants separate "what to keep" from "where"
+    selection = {c: token_windows(student_tok, _after_tokens(student_tok, train[c], args.calibration_tokens),
+                                  args.selection_tokens, 256) for c in CAPS}
+    variants = [("capability", HEADLINE, {}, "auto"), ("capability", "capability (dynamic, unbounded)", {}, "dynamic"),
+                ("capability", "capability (uniform)", {}, "uniform"), ("minitron", "minitron (uniform)", {}, "uniform"),
+                ("magnitude", "magnitude (dynamic)", {}, "dynamic"), ("magnitude", "magnitude (uniform)", {}, "uniform"),
+                ("weight_pca", "weight_pca (dynamic)", {}, "dynamic"),
+                ("weight_pca", "weight_pca (uniform)", {}, "uniform")]
+    variants += [("random", f"random (seed {s})", {"seed": s}, "dynamic") for s in range(args.random_seeds)]
+    kept, score_cache = {}, {}
     for scorer_name, label, opts, allocation in variants:
         t0 = time.time()
-        scorer = make_scorer(scorer_name, **opts)
-        scores = scorer.score(units, stats, WEIGHTS, feature_map if scorer_name == "capability" else None)
-        alloc = allocate(trimmed.config, scores.check(units), budget,
-                         AllocationOptions(allocation=allocation or scorer.allocation))
+        key = (scorer_name, tuple(sorted(opts.items())))
+        if key not in score_cache:
+            scorer = make_scorer(scorer_name, **opts)
+            score_cache[key] = scorer.score(units, stats, WEIGHTS, feature_map if scorer_name == "capability" else None)
+        scores = score_cache[key].check(units)
+        extra = {}
+        if allocation == "auto":
+            alloc, extra["allocation_candidates"] = select_allocation(
+                trimmed, scores, budget, AllocationOptions(), selection, WEIGHTS, args.use_autocast)
+            log(f"auto allocation: {extra['allocation_candidates']}")
+        else:
+            alloc = allocate(trimmed.config, scores, budget, AllocationOptions(allocation=allocation))
         pruned, notes = apply_prune_plan(trimmed, alloc.plan)
         assert parameter_count(pruned) == alloc.params["total"]
         score_seconds = time.time() - t0
-        rows[label] = {"params": alloc.params, "allocation": allocation or scorer.allocation,
+        rows[label] = {"params": alloc.params, "allocation": allocation, **extra,
                        "ffn_widths": [w["ffn"] for w in alloc.widths],
                        "heads": [len(w["heads"]) for w in alloc.widths], "notes": notes,
                        "eval": evaluate(pruned, student_tok, probes)}
-        kept[label] = (alloc, pruned if label == "capability" else None)
+        kept[label] = alloc
         log(f"{label}: {alloc.params['non_embedding']:,} non-embedding params, scored+pruned in "
             f"{score_seconds:.1f}s, evaluated in {time.time() - t0 - score_seconds:.0f}s")
         del pruned
         gc.collect()
-    base = rows["capability"]["eval"]
+    base = rows[HEADLINE]["eval"]
     for label, row in rows.items():
         for c in CAPS:
             d, ci = paired_bpb_difference(row["eval"][c]["items"], base[c]["items"])
@@ -227,14 +245,14 @@ def gemma_pruning(args, results):
             row["eval"][c].pop("items")
 
     # acceptance 3: write the capability-pruned tower, load it in a fresh process
-    alloc, _ = kept["capability"]
+    alloc = kept[HEADLINE]
     student, _ = apply_prune_plan(trimmed, alloc.plan)
-    record = {"schema": "nexus.compress/1", "scorer": "capability", "allocation": "dynamic",
+    record = {"schema": "nexus.compress/1", "scorer": "capability",
+              "allocation": f"auto -> {rows[HEADLINE]['allocation_candidates']['chosen']}",
               "budget": results["budget"], "params": {**counts, "student": alloc.params},
               "vocab": {**trim.summary(), "kept_ids": trim.kept_ids}, "kept": _kept_record(alloc, units),
-              "notes": rows["capability"]["notes"] + (
-                  [] if feature_map else ["no localisation feature map: capability importance = "
-                                          "gradient-Taylor + activation"]),
+              "notes": rows[HEADLINE]["notes"] + (
+                  [] if feature_map else [NO_FEATURE_MAP]),
               "capabilities": {c: {"weight": WEIGHTS[c], "calibration": f"bundled:{c}:train",
                                    "calibration_tokens": stats[c].tokens} for c in CAPS},
               "options": CompressOptions(budget={"fraction": 0.5}).model_dump(mode="json")}
@@ -285,7 +303,7 @@ def fresh_process_check(ckpt):
     env["HF_MODULES_CACHE"] = str(OUT / "hf_modules_fresh")
     env["HF_HUB_OFFLINE"] = "1"
     done = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), ckpt=str(ckpt))], cwd=OUT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     lines = [l for l in done.stdout.splitlines() if "NEXUS_CHILD " in l]
     if done.returncode != 0 or not lines:
         return {"ok": False, "returncode": done.returncode, "stdout": done.stdout[-2000:],
@@ -475,6 +493,11 @@ def print_tables(results):
             if "ffn_widths" in row:
                 widths.add_row(label, " ".join(map(str, row["ffn_widths"])), "".join(map(str, row["heads"])))
         console.print(widths)
+        auto = results["pruning"].get(HEADLINE, {}).get("allocation_candidates")
+        if auto:
+            console.print("allocation=auto candidates (weighted loss, nats/token, on held-aside training text): " +
+                          ", ".join(f"{c['allocation']}: {c['loss']:.3f}" for c in auto["candidates"]) +
+                          f" -> {auto['chosen']}")
     if "tokenizer" in results:
         tok = results["tokenizer"]
         t = Table(title="Acceptance 2: trimmed tokenizer")
@@ -517,16 +540,23 @@ def print_tables(results):
 
 
 def save(results):
-    """Write what is measured so far (each part saves, so a late failure loses nothing)."""
-    with atomic_file(OUT / "compress_real.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1, default=str))
+    """Write what is measured so far (each part saves, so a late failure loses nothing); parts skipped in this run
+    keep their figures from an earlier run."""
+    path = OUT / "compress_real.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(results)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(merged, indent=1, default=str))
+    return merged
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gguf", default="/work/cache/gemma-3-270m-q4_k_m.gguf")
     parser.add_argument("--eval-items", type=int, default=16, help="1000-character held-out chunks per capability")
-    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--calibration-tokens", type=int, default=4096, help="importance tokens per capability")
+    parser.add_argument("--selection-tokens", type=int, default=1024,
+                        help="further training tokens per capability on which allocation=auto compares candidates")
     parser.add_argument("--random-seeds", type=int, default=2)
     parser.add_argument("--feature-map", default=None, help="a localisation feature_map.json for the capability row")
     parser.add_argument("--feature-map-teacher", default="gemma")
@@ -563,8 +593,7 @@ def main():
     if not args.skip_ot:
         ot_merge_experiment(args, results)
     results["seconds"] = round(time.time() - t0, 1)
-    save(results)
-    print_tables(results)
+    print_tables(save(results))
     console.print(f"total {results['seconds']:.0f}s; wrote {OUT / 'compress_real.json'}")
 
 

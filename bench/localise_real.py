@@ -44,6 +44,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 DEFAULT_RECIPE = HERE / "recipes" / "localise_real.yaml"
 SPECIALIST_TEACHER = "arith-specialist"  # trained here when missing; any other non-GGUF teacher must exist
 STAGES = ("base", "perturbation", "activation", "spectral", "causal", "total")
+# The recipe's limits are sized for Gemma; the specialists are ~100x cheaper per pass, so they get more items (and
+# every block and head ablated), which their presence test needs: a small model's margin over chance is small.
+SMALL_TEACHER_OPTIONS = {"max_items": 32, "lm_scored_tokens": 48, "blocks": "all", "heads": "all", "random_sets": 8}
 
 
 def matmul_speed():
@@ -90,6 +93,8 @@ def real_run(args, console, teacher_name):
         elif not (Path(teacher["source"]) / "config.json").is_file():
             console.print(f"[yellow]skipping {teacher_name}: no model at {teacher['source']}[/]")
             return None
+    if not raw["teachers"][0]["source"].endswith(".gguf"):
+        raw["stages"]["localise"] = {**raw["stages"]["localise"], **SMALL_TEACHER_OPTIONS}
     recipe = validate_recipe(raw, base_dir=base, source=recipe_path)
     start = time.perf_counter()
     fm = run_localise(recipe, console=console, force=args.force)

@@ -13,9 +13,10 @@ Order of decisions (each kind keeps its own structural rules):
    the top ``f`` fraction of the FFN units, and ``f`` is the largest value whose model fits the budget (bisection;
    the count grows monotonically with ``f``). With ``allocation="dynamic"`` the top fraction is taken over the
    *whole stack*, so a layer whose units score high keeps more of them and per-layer widths differ; with
-   ``"uniform"`` every layer keeps the same fraction (Minitron). Dynamic allocation then spends the remainder on
-   the next-best FFN units, so the result sits within one unit's cost of the budget. ``min_width`` guarantees each
-   layer at least that fraction of its heads and units (0 = pure ranking).
+   ``"uniform"`` every layer keeps the same fraction (Minitron). ``max_deviation`` bounds how far a layer's kept
+   fraction may stray from ``f`` under dynamic allocation (OWL-style, Yin et al. 2024: 1.0 = pure global ranking,
+   0.1 = each layer keeps ``f`` +- 10% of its units). Dynamic allocation then spends the remainder on the
+   next-best FFN units, so the result sits within one unit's cost of the budget.
 
 Heads obey grouped-query attention: a layer keeps ``g`` kv groups with ``q`` query heads each (equal groups); for a
 head allowance ``n`` the best-scoring feasible set with ``g * q <= n`` is kept. A layer left with no head loses its
@@ -129,7 +130,7 @@ class AllocationOptions:
     allocation: Literal["dynamic", "uniform"] = "dynamic"
     hidden_keep: float = 1.0
     drop_layers: int = 0
-    min_width: float = 0.0
+    max_deviation: float = 1.0
 
 
 @dataclass
@@ -167,7 +168,7 @@ def _head_options(scores, num_heads, num_kv):
 class _Stack:
     """The layers of one tower as plain numbers, with the scores, for fast counting."""
 
-    def __init__(self, config, tower, scores, hidden, vocab, dropped, min_width):
+    def __init__(self, config, tower, scores, hidden, vocab, dropped):
         self.config, self.spec = config, config.towers[tower]
         self.layers = self.spec["layers"]
         self.hidden = hidden
@@ -179,21 +180,18 @@ class _Stack:
         self.neurons = {i: scores.neurons[i] for i in self.live if self.layers[i]["intermediate_size"] > 0}
         self.head_tables = {i: _head_options(s, self.layers[i]["num_attention_heads"],
                                              self.layers[i]["num_key_value_heads"])[0] for i, s in self.heads.items()}
-        self.head_order = self._order(self.heads, min_width)
-        self.neuron_order = self._order(self.neurons, min_width)
+        self.neuron_rank = {i: torch.argsort(s.float(), descending=True, stable=True).tolist()
+                            for i, s in self.neurons.items()}
+        self.neuron_pos = {i: {j: p for p, j in enumerate(r)} for i, r in self.neuron_rank.items()}
+        self.head_order = self._order(self.heads)
+        self.neuron_order = self._order(self.neurons)
 
     @staticmethod
-    def _order(per_layer, min_width):
-        """Every unit (layer, index) in keep-first order; each layer's top ``min_width`` fraction comes first."""
-        first, rest = [], []
-        for l, s in per_layer.items():
-            guaranteed = math.ceil(min_width * len(s))
-            ranked = torch.argsort(s.float(), descending=True, stable=True).tolist()
-            first += [(float("inf"), float(s[j]), l, j) for j in ranked[:guaranteed]]
-            rest += [(float(s[j]), float(s[j]), l, j) for j in ranked[guaranteed:]]
-        units = first + rest
-        units.sort(key=lambda u: (-u[0], -u[1], u[2], u[3]))
-        return [(u[2], u[3]) for u in units]
+    def _order(per_layer):
+        """Every unit (layer, index) of the stack, most important first (ties: lower layer, lower index)."""
+        units = [(float(s[j]), l, j) for l, s in per_layer.items() for j in range(len(s))]
+        units.sort(key=lambda u: (-u[0], u[1], u[2]))
+        return [(u[1], u[2]) for u in units]
 
     def count(self, heads, neurons, counts):
         """Params of the stack keeping ``heads`` ({layer: [heads]}) and ``neurons`` ({layer: n kept})."""
@@ -207,24 +205,30 @@ class _Stack:
                                            neurons.get(i, 0))
         return total
 
-    def select(self, f, allocation):
-        """({layer: kept heads}, {layer: kept unit indices}) for keep-fraction ``f``."""
-        heads, neurons = {}, {}
+    @staticmethod
+    def bounds(f, n, deviation):
+        """Kept-count limits of a layer with ``n`` units at global keep fraction ``f``: within ``deviation``."""
+        return math.floor(max(0.0, f - deviation) * n), math.ceil(min(1.0, f + deviation) * n)
+
+    def select(self, f, allocation, deviation=1.0):
+        """({layer: kept heads}, {layer: number of kept units}) for keep-fraction ``f``; kept units of a layer are
+        its top-scoring ones (`neuron_rank`)."""
         if allocation == "uniform":
-            for i, s in self.heads.items():
-                heads[i] = self.head_tables[i][math.ceil(f * len(s))]
-            for i, s in self.neurons.items():
-                k = math.ceil(f * len(s))
-                neurons[i] = sorted(torch.argsort(s.float(), descending=True, stable=True)[:k].tolist())
-            return heads, neurons
-        allowance = {}
+            heads = {i: self.head_tables[i][math.ceil(f * len(s))] for i, s in self.heads.items()}
+            return heads, {i: math.ceil(f * len(s)) for i, s in self.neurons.items()}
+        allowance, counts = {}, {}
         for l, _ in self.head_order[:round(f * len(self.head_order))]:
             allowance[l] = allowance.get(l, 0) + 1
-        for i in self.heads:
-            heads[i] = self.head_tables[i][allowance.get(i, 0)]
-        for l, j in self.neuron_order[:round(f * len(self.neuron_order))]:
-            neurons.setdefault(l, []).append(j)
-        return heads, {i: sorted(v) for i, v in neurons.items()}
+        for l, _ in self.neuron_order[:round(f * len(self.neuron_order))]:
+            counts[l] = counts.get(l, 0) + 1
+        heads = {}
+        for i, s in self.heads.items():
+            lo, hi = self.bounds(f, len(s), deviation)
+            heads[i] = self.head_tables[i][min(hi, max(lo, allowance.get(i, 0)))]
+        for i, s in self.neurons.items():
+            lo, hi = self.bounds(f, len(s), deviation)
+            counts[i] = min(hi, max(lo, counts.get(i, 0)))
+        return heads, counts
 
 
 def allocate(config, scores, budget, options=None, tower=0, vocab_size=None):
@@ -239,8 +243,8 @@ def allocate(config, scores, budget, options=None, tower=0, vocab_size=None):
         raise BudgetError(f"allocation must be 'dynamic' or 'uniform', got {options.allocation!r}")
     if not 0 < options.hidden_keep <= 1:
         raise BudgetError(f"hidden_keep must be in (0, 1], got {options.hidden_keep}")
-    if not 0 <= options.min_width <= 1:
-        raise BudgetError(f"min_width must be in [0, 1], got {options.min_width}")
+    if not 0 <= options.max_deviation <= 1:
+        raise BudgetError(f"max_deviation must be in [0, 1], got {options.max_deviation}")
     if len(config.towers) != 1:
         raise BudgetError(f"compression budgets a one-tower model (an imported teacher); this one has "
                           f"{len(config.towers)} towers")
@@ -260,11 +264,12 @@ def allocate(config, scores, budget, options=None, tower=0, vocab_size=None):
     dropped = []
     if options.drop_layers:
         dropped = sorted(torch.argsort(scores.layers.float(), stable=True)[:options.drop_layers].tolist())
-    stack = _Stack(config, tower, scores, hidden, vocab, set(dropped), options.min_width)
+    stack = _Stack(config, tower, scores, hidden, vocab, set(dropped))
+    deviation = options.max_deviation
 
     def size(f):
-        heads, neurons = stack.select(f, options.allocation)
-        return stack.count(heads, {i: len(v) for i, v in neurons.items()}, budget.counts), heads, neurons
+        heads, counts = stack.select(f, options.allocation, deviation)
+        return stack.count(heads, counts, budget.counts), heads, counts
 
     if not stack.neurons:
         raise BudgetError("the tower has no FFN units to budget (every layer's MLP is already gone)")
@@ -286,24 +291,22 @@ def allocate(config, scores, budget, options=None, tower=0, vocab_size=None):
                 lo = mid
             else:
                 hi = mid
-    count, heads, neurons = size(lo)
-    if options.allocation == "dynamic":  # spend the rest on the next-best units
-        taken = {(l, j) for l, v in neurons.items() for j in v}
-        kept_counts = {i: len(v) for i, v in neurons.items()}
+    count, heads, counts = size(lo)
+    if options.allocation == "dynamic":  # spend the rest on the next-best units, within each layer's limit
+        per_unit = 3 * hidden + (2 if stack.spec["mlp_bias"] else 0)
         for l, j in stack.neuron_order:
-            if (l, j) in taken:
+            have = counts.get(l, 0)
+            if stack.neuron_pos[l][j] != have or have >= stack.bounds(lo, len(stack.neurons[l]), deviation)[1]:
                 continue
-            kept_counts[l] = kept_counts.get(l, 0) + 1
-            new = stack.count(heads, kept_counts, budget.counts) if kept_counts[l] == 1 else \
-                count + 3 * hidden + (2 if stack.spec["mlp_bias"] else 0)
+            counts[l] = have + 1
+            new = stack.count(heads, counts, budget.counts) if have == 0 else count + per_unit
             if new > budget.params:
-                kept_counts[l] -= 1
+                counts[l] = have
                 continue
             count = new
-            neurons.setdefault(l, []).append(j)
-        neurons = {i: sorted(v) for i, v in neurons.items()}
     if count > budget.params:  # only possible when nothing fits: the floor check above should have caught it
         raise BudgetError(f"could not fit {budget.params:,} params (smallest found {count:,})")
+    neurons = {i: sorted(stack.neuron_rank[i][:c]) for i, c in counts.items()}
 
     tplan = TowerPlan(drop_layers=list(dropped))
     widths = []

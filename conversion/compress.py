@@ -8,8 +8,11 @@ Pipeline (`compress_model`), on a one-tower Nexus copy of the teacher (`nexus_fr
    ``magnitude``, ``weight_pca``, ``random``) scores every head, FFN unit, layer and hidden channel, from
    calibration statistics (`structure_statistics`, one forward/backward per window on each capability's training
    text) and, for ``capability``, the localisation feature map;
-3. **budget** (`budget`): per-layer widths from the scores under the parameter (or memory) budget, dynamic
-   (global ranking) or uniform (Minitron);
+3. **budget** (`budget`): per-layer widths from the scores under the parameter (or memory) budget: dynamic
+   (global ranking, each layer within ``max_deviation`` of the global keep fraction), uniform (Minitron), or
+   ``auto`` (the capability scorer's default): `select_allocation` builds uniform and dynamic candidates
+   (max_deviation 0.1, 0.25, 1.0) and keeps the one with the lowest capability-weighted loss on
+   ``selection_tokens`` further *training* tokens per capability (never the held-out evaluation text);
 4. **slicing** (`structured_prune.apply_prune_plan`): exact removal of what the plan drops;
 5. optionally **low rank** (`low_rank`): rank-r reconstruction of every projection (activation-aware or plain SVD).
 
@@ -24,6 +27,7 @@ Sample recipe section (every field optional)::
       compress:
         teacher: gemma                 # default: the first teacher
         scorer: capability             # capability | minitron | magnitude | weight_pca | random
+        allocation: auto               # auto | dynamic | uniform (default: the scorer's own)
         budget: {fraction: 0.5, counts: non_embedding}   # default: student.budget
         vocab: {trim: true}
         calibration_tokens: 4096       # per capability
@@ -94,20 +98,25 @@ class CompressOptions(_Strict):
     scorer: str = Field("capability", description=f"importance scorer: one of {', '.join(sorted(SCORERS))}")
     scorer_options: dict[str, Any] = Field(default_factory=dict, description="the scorer's own options")
     budget: CompressBudget | None = Field(None, description="the tower's budget (default: student.budget)")
-    allocation: Literal["dynamic", "uniform"] | None = Field(
-        None, description="per-layer widths by global ranking or uniform (default: the scorer's own)")
+    allocation: Literal["auto", "dynamic", "uniform"] | None = Field(
+        None, description="per-layer widths: global ranking (dynamic, within max_deviation), uniform, or auto: "
+                          "the candidate with the lowest loss on held-aside calibration text (default: the scorer's)")
     hidden_keep: float = Field(1.0, gt=0, le=1, description="fraction of residual channels kept")
     drop_layers: int = Field(0, ge=0, description="how many whole layers to remove (lowest layer scores)")
-    min_width: float = Field(0.0, ge=0, le=1, description="each layer keeps at least this fraction of its units")
+    max_deviation: float = Field(1.0, ge=0, le=1, description="dynamic allocation: a layer's kept fraction stays "
+                                                               "within this distance of the global one")
     vocab: VocabOptions = Field(default_factory=VocabOptions, description="vocabulary trimming")
     calibration_tokens: int = Field(4096, ge=16, description="calibration tokens per capability (training text)")
+    selection_tokens: int = Field(1024, ge=16, description="further training-text tokens per capability on which "
+                                                           "allocation=auto compares its candidates")
     window_tokens: int = Field(256, ge=8, description="tokens per calibration window")
     batch_size: int = Field(2, ge=1, description="windows per forward/backward pass")
     feature_map: Path | None = Field(
         None, description="localisation feature map (default: runs/<name>/localise/feature_map.json when present)")
     low_rank: LowRankOptions | None = Field(None, description="also factorise every projection (quality only: "
                                                               "the checkpoint stores dense weights)")
-    autocast: bool = Field(True, description="bf16 autocast for the calibration passes")
+    autocast: bool = Field(False, description="bf16 autocast for the calibration passes (off by default: measured "
+                                              "7.5x slower than fp32 on this AVX2-only CPU, see bench/compress_real)")
 
     @field_validator("scorer")
     @classmethod
@@ -154,7 +163,7 @@ def feature_map_scores(fm, teacher, units):
         if cap.startswith("_") or not c.get("present"):
             continue
 
-        def per_layer(kind):
+        def per_layer(kind, c=c):
             values = c["activation"][kind]["importance"]
             return [None if v is None else torch.tensor([0.0 if x is None else max(0.0, float(x)) for x in v])
                     for v in values]
@@ -257,9 +266,17 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
     timings["importance"] = time.time() - t1
 
     # 3. budget
-    alloc = allocate(model.config, scores, budget, AllocationOptions(
-        allocation=allocation, hidden_keep=options.hidden_keep, drop_layers=options.drop_layers,
-        min_width=options.min_width))
+    base = AllocationOptions(allocation="dynamic" if allocation == "auto" else allocation,
+                             hidden_keep=options.hidden_keep, drop_layers=options.drop_layers,
+                             max_deviation=options.max_deviation)
+    if allocation == "auto":
+        selection = {c.name: token_windows(student_tok, _after_tokens(student_tok, c.text, options.calibration_tokens),
+                                           options.selection_tokens, options.window_tokens) for c in capabilities}
+        alloc, record["allocation_candidates"] = select_allocation(model, scores, budget, base, selection, weights,
+                                                                   options.autocast)
+        record["allocation"] = f"auto -> {record['allocation_candidates']['chosen']}"
+    else:
+        alloc = allocate(model.config, scores, budget, base)
 
     # 4. slicing
     student, notes = apply_prune_plan(model, alloc.plan)
@@ -291,6 +308,56 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
     timings["total"] = time.time() - t0
     record["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return student, student_tok, record
+
+
+AUTO_CANDIDATES = (("uniform", 0.0), ("dynamic", 0.1), ("dynamic", 0.25), ("dynamic", 1.0))
+
+
+def _after_tokens(tokenizer, text, tokens):
+    """The part of ``text`` after its first ``tokens`` tokens (the importance windows), for held-aside selection."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if len(offsets) <= tokens:
+        raise CompressError(f"allocation=auto needs more calibration text than the {tokens} importance tokens")
+    return text[offsets[tokens][0]:]
+
+
+def calibration_loss(model, windows, weights, autocast=False, batch_size=4):
+    """Capability-weighted mean next-token cross-entropy (nats/token) of ``model`` on ``{cap: windows}``."""
+    losses = {}
+    with torch.inference_mode():
+        for cap, w in windows.items():
+            total, count = 0.0, 0
+            for start in range(0, w.shape[0], batch_size):
+                ids = w[start:start + batch_size]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    logits = model(ids, use_cache=False).logits
+                total += float(torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+                count += ids[:, 1:].numel()
+            losses[cap] = total / count
+    norm = sum(weights.get(c, 1.0) for c in losses)
+    return sum(weights.get(c, 1.0) * v for c, v in losses.items()) / norm, losses
+
+
+def select_allocation(model, scores, budget, base, selection_windows, weights, autocast=False,
+                      candidates=AUTO_CANDIDATES):
+    """The allocation (of ``candidates``: (kind, max_deviation)) whose pruned model has the lowest capability-weighted
+    loss on ``selection_windows`` (training text held aside from the importance windows); ``(alloc, report)``."""
+    import dataclasses
+
+    best, report = None, {"candidates": []}
+    for kind, deviation in candidates:
+        alloc = allocate(model.config, scores, budget, dataclasses.replace(base, allocation=kind,
+                                                                          max_deviation=deviation))
+        pruned, _ = apply_prune_plan(model, alloc.plan)
+        loss, per_cap = calibration_loss(pruned, selection_windows, weights, autocast)
+        name = kind if kind == "uniform" else f"dynamic (max_deviation {deviation:g})"
+        report["candidates"].append({"allocation": name, "loss": loss, "per_capability": per_cap})
+        if best is None or loss < best[0]:
+            best, report["chosen"] = (loss, alloc), name
+        del pruned
+    return best[1], report
 
 
 def _kept_record(alloc, units):

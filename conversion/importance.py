@@ -9,7 +9,8 @@ Registered scorers (``SCORERS``; add one with `register_scorer`):
     calibration data (`structure_statistics`), plus the localisation feature map's per-unit scores when one is
     given. Each term is normalised per structure kind (divided by its mean over the whole stack, so layers stay
     comparable and dynamic budgeting can move width between them), mixed with ``mix`` and summed with weights
-    ``w_c / sum(w)``. Allocation: dynamic (global ranking across layers).
+    ``w_c / sum(w)``. Allocation: ``auto`` (`compress.select_allocation`: uniform or dynamic with a bounded
+    per-layer deviation, whichever pruned model has the lowest loss on held-aside calibration text).
 ``minitron`` (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation")
     Activation importance on the pooled calibration data, no gradients: head = mean ``||head output||``, neuron =
     mean ``|activation|``, hidden channel = summed ``|RMSNorm output|``, layer = block influence. Allocation:
@@ -36,7 +37,7 @@ import torch
 
 from .decoder_units import DecoderUnits
 
-ALLOCATIONS = ("dynamic", "uniform")
+ALLOCATIONS = ("auto", "dynamic", "uniform")
 
 
 @dataclass
@@ -294,6 +295,7 @@ class CapabilityScorer(Scorer):
     """Capability-weighted importance (see the module docstring); ``mix`` weighs its three terms."""
 
     needs = "gradients"
+    allocation = "auto"
 
     def __init__(self, taylor=1.0, activation=1.0, feature_map=1.0):
         self.mix = {"taylor": float(taylor), "activation": float(activation), "feature_map": float(feature_map)}

@@ -53,6 +53,7 @@ from .localise_items import ItemSet
 from .localise_perturbation import perturbation_passes, perturbation_stage
 from .localise_spectral import spectral_stage
 from .probes import ProbeSettings, probe_class
+from .probes.base import model_max_positions
 from .recipe import Recipe, register_stage_options, write_resolved_recipe
 
 STAGE = "localise"
@@ -190,9 +191,14 @@ def localise_model(model, tokenizer, capabilities, references, options=None, loc
     clock = _Clock()
     units = DecoderUnits(model, options.tower)
     items = ItemSet(tokenizer, options.tokens_per_batch)
+    limit = model_max_positions(model.config)
+    item_tokens = min(options.max_item_tokens, limit) if limit else options.max_item_tokens  # never past the model's
     for cap in capabilities:
-        items.add(cap.name, cap.probe, cap.data, cap.options, options.max_items, options.max_item_tokens,
-                  options.seed, options.lm_scored_tokens)
+        items.add(cap.name, cap.probe, cap.data, cap.options, options.max_items, item_tokens, options.seed,
+                  options.lm_scored_tokens)
+        longest = max(len(row.ids) for row in items.rows[slice(*items.capabilities[cap.name].rows)])
+        if limit and longest > limit:
+            raise LocaliseError(f"capability {cap.name!r}: an item needs {longest} positions; {label} has {limit}")
     clock.lap("items")
 
     ctx = TeacherLocalisation(model, units, items, options)

@@ -204,7 +204,7 @@ def ot_merge(model_a, model_b, windows, alpha=0.5, match_heads=True, autocast=Tr
         l, entry = info.index, {"layer": info.index}
         if "neurons" in corr.get(l, {}):
             c = corr[l]["neurons"]
-            perm, cost = match_units(1.0 - c.numpy())
+            perm, _ = match_units(1.0 - c.numpy())
             neuron_perms[l] = perm
             entry.update(neurons_moved=int(sum(p != i for i, p in enumerate(perm))), neurons=len(perm),
                          neuron_corr_matched=float(c[torch.arange(len(perm)), torch.as_tensor(perm)].mean()),

@@ -51,7 +51,9 @@ def test_each_scorer_meets_the_budget_and_writes_a_checkpoint_matching_compress_
     assert budget == int(0.5 * teacher["non_embedding"])
     got = record["params"]["student"]["non_embedding"]
     per_unit = layer_parameter_count(model.config.towers[0], 32, 0, 0, 0, 1)  # one FFN unit with its norm
-    assert got <= budget and (scorer == "minitron" or got > budget - per_unit)  # dynamic fills to within one unit
+    assert got <= budget
+    if "dynamic" in record["allocation"]:
+        assert got > budget - per_unit  # dynamic allocation fills the budget to within one FFN unit
     assert record["vocab"]["kept"] < record["vocab"]["original_size"]  # the char vocabulary lost unused characters
     record = write_compressed(student, tok, record, tmp_path / "out")
     on_disk = json.loads((tmp_path / "out" / "compress.json").read_text())
@@ -72,13 +74,34 @@ def test_scorers_keep_different_structures_and_allocations_differ():
     kept = {}
     for scorer in sorted(SCORERS):
         model = nexus_from_teacher(tiny_teacher("llama"))
-        _, _, record = compress_model(model, char_tokenizer(), _capabilities(), _options(scorer))
+        allocation = "dynamic" if scorer == "capability" else None
+        _, _, record = compress_model(model, char_tokenizer(), _capabilities(), _options(scorer, allocation=allocation))
         kept[scorer] = record["kept"]["layers"]
     neuron_sets = {s: tuple(tuple(l["neurons"]) for l in layers) for s, layers in kept.items()}
     assert len(set(neuron_sets.values())) == len(neuron_sets)  # every scorer keeps a different set
     uniform = [l["ffn"] for l in kept["minitron"]]
     assert len(set(uniform)) == 1  # Minitron: the same width in every layer
     assert len({l["ffn"] for l in kept["capability"]}) > 1  # dynamic: widths follow importance
+
+
+def test_auto_allocation_keeps_the_candidate_with_the_lowest_held_aside_loss():
+    from nexus.conversion.compress import calibration_loss
+
+    model = nexus_from_teacher(tiny_teacher("gemma3"))
+    tok = char_tokenizer()
+    student, _, record = compress_model(model, tok, _capabilities(), _options("capability", selection_tokens=128))
+    report = record["allocation_candidates"]
+    losses = {c["allocation"]: c["loss"] for c in report["candidates"]}
+    assert len(losses) == 4 and "uniform" in losses and report["chosen"] == min(losses, key=losses.get)
+    assert record["allocation"] == f"auto -> {report['chosen']}"
+    widths = {l["ffn"] for l in record["kept"]["layers"]}
+    assert (len(widths) == 1) == (report["chosen"] == "uniform")
+    caps = _capabilities()
+    vocab = student.config.vocab_size
+    windows = {c.name: torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(i))
+               for i, c in enumerate(caps)}
+    total, per_cap = calibration_loss(student, windows, {"prose": 1.0, "code": 3.0})
+    assert total == pytest.approx((per_cap["prose"] + 3 * per_cap["code"]) / 4)
 
 
 def test_capability_weights_select_which_statistics_count():

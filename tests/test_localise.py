@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from conftest import FAMILIES, tiny_teacher
+from nexus.cli import app
 from nexus.conversion.ablation import MeanRecorder, ablate
 from nexus.conversion.decoder_units import DecoderUnits
 from nexus.conversion.feature_map import (
@@ -42,6 +43,7 @@ from nexus.conversion.localise_items import ItemSet, run_rows
 from nexus.conversion.recipe import load_recipe
 from planted_model import FFN, planted_model, write_data
 from transformers import LlamaForCausalLM
+from typer.testing import CliRunner
 
 OPTIONS = {"max_items": 40, "max_neuron_fraction": 0.1,  # the planted set is 4% of this tiny model's neurons
            "autocast": False}  # bf16 pays off on real teachers, not on 64-wide matmuls
@@ -254,9 +256,6 @@ def test_recipe_without_reference_set_is_a_clear_error(planted_run, tmp_path):
         run_localise(load_recipe(tmp_path / "recipe.yaml"), show_progress=False)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
-    from nexus.cli import app
-    from typer.testing import CliRunner
-
     out = CliRunner().invoke(app, ["localise", str(tmp_path / "recipe.yaml"), "--quiet"])
     assert out.exit_code == 2 and "no reference set" in out.output
 
@@ -305,10 +304,6 @@ def test_feature_map_schema_and_files(planted_run):
         validate_feature_map(broken)
     again = run_localise(load_recipe(root / "recipe.yaml"), show_progress=False)
     assert again["_reused"] is True
-
-    from typer.testing import CliRunner
-
-    from nexus.cli import app
 
     out = CliRunner().invoke(app, ["localise", str(root / "recipe.yaml"), "--quiet"], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
@@ -431,3 +426,17 @@ def test_multiple_choice_and_cheap_stage1_find_the_same_units(planted_run, tmp_p
     assert sum(v is not None for v in mc["perturbation"]["ffn"]["drop"]) <= 1
     precision, recall = precision_recall(mc["activation"]["selected"], planted["digits"])
     assert precision >= 0.8 and recall >= 0.8, mc["activation"]["selected"]
+
+
+def test_items_never_exceed_the_models_positions(planted_run):
+    """A teacher with a short context (the arithmetic specialist has 32 positions) gets items cut to fit."""
+    root, model, tok, *_ = planted_run
+    short = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "max_position_embeddings": 24}))
+    short.load_state_dict(model.state_dict())
+    widths = []
+    short.model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    entry = localise_model(short.eval(), tok, capability_specs(root), {"general": REFERENCES["general"]},
+                           LocaliseOptions(**{**OPTIONS, "max_item_tokens": 64}), localise=["general"])
+    assert entry["general"]["present"] is False and entry["_forwards"] == 1
+    assert max(widths) == 24  # the 65-token general items were cut to the model's 24 positions

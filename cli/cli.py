@@ -39,6 +39,14 @@ from .profile_command import profile  # noqa: E402
 app.command("profile")(profile)
 from .demo_command import demo  # noqa: E402
 app.command("demo")(demo)
+from .distill_command import distill  # noqa: E402
+app.command("distill")(distill)
+from .validate_command import validate  # noqa: E402
+app.command("validate")(validate)
+from .export_command import export  # noqa: E402
+app.command("export")(export)
+from .push_command import push  # noqa: E402
+app.command("push")(push)
 
 
 if __name__ == "__main__":

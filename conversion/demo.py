@@ -1,17 +1,27 @@
-"""`nexus demo`: the embedded default, on bundled data only (no downloads, no GPU).
+"""`nexus demo`: the embedded default, on bundled data only (no downloads, no GPU). Every stage, end to end:
 
-What it runs today (the NIWT stages that exist):
-1. trains three tiny specialist teachers with different architectures and tokenizers (Llama + characters for
-   arithmetic, Gemma-3 + BPE for Python code, Qwen-3 + BPE for English prose), cached after the first run, and
-   prints each one's competence against its trivial baseline;
-2. imports each into a one-tower Nexus checkpoint and measures the import is lossless (max |logit difference|);
-3. profiles every teacher on every capability (teacher × capability scores with bootstrap 95% CIs, heatmap PNG).
+1. **specialists**: three tiny teachers with different architectures and tokenizers (Llama + characters for
+   arithmetic, Gemma-3 + BPE for Python code, Qwen-3 + BPE for English prose), cached after the first run; each
+   one's competence is printed against its trivial baseline (arithmetic exact match >= 0.9; code/prose bits per
+   byte below a unigram model's);
+2. **profile**: every teacher on every capability (scores with bootstrap 95% CIs, heatmap) -> the best teacher of
+   each capability;
+3. **student build** (`student_build`): one shared BPE-1024 tokenizer (digits split), one tower per capability
+   initialised from its best teacher (imported, compressed with the capability scorer), the whole student <= 1/3 of
+   the specialists' summed parameters;
+4. **distill** (`distill`): teacher caches (one teacher at a time), token-aligned KD into the student vocabulary,
+   router trained on capability labels, checkpoints, LMC init -> distilled;
+5. **validate**: retention per capability against the best teacher (bits per byte for code/prose, exact match for
+   arithmetic) with paired bootstrap 95% CIs, the minimum and the mean, printed as a table; the gate at 0.95;
+6. **export**: a self-contained checkpoint folder with the model card rendered from ``report.json``.
 
-Consolidation into one student (distillation, validation, retention table) comes with the distillation and
-validation stages; the demo says so at its end rather than print a number it did not measure.
+Everything lands in ``<out>/demo/`` (the recipe is named ``demo``); ``demo.json`` sums it up. ``scale="test"`` runs
+the same pipeline on tiny specialists and a few steps (for the test suite); the numbers it prints are measured like
+the full ones, they are just not meaningful.
 """
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -21,9 +31,50 @@ from .atomic_output import atomic_file
 from .corpora import corpus_text
 
 SPECIALIST_CAPABILITY = {"arithmetic": "arithmetic", "code": "code", "prose": "prose"}
+RETENTION_GOAL = 0.95
+
+# Per scale: profile/validation items and bootstrap, student build, distillation. "full" is what `nexus demo` runs.
+SCALES = {
+    "full": {
+        "profile": {"n_bootstrap": 1000, "max_items": 200, "seed": 0, "window_tokens": 128},
+        "student_build": {"budget_fraction": 1 / 3, "allocation": "dynamic", "calibration_tokens": 2048},
+        "distill": {"steps": 500, "batch_size": 8, "lr": 2e-3, "checkpoint_every": 100, "lmc_points": 5,
+                    "top_k": 32, "loss": {"kd": 1.0, "ce": 0.2, "router": 0.1}},
+        "validate": {"min_retention": RETENTION_GOAL, "student_dtype": "fp32", "cka": False},
+        "interference": True,
+        "verify_export": True,
+    },
+    "test": {
+        "profile": {"n_bootstrap": 50, "max_items": 6, "seed": 0, "window_tokens": 64},
+        "student_build": {"budget_fraction": 1 / 3, "allocation": "dynamic", "calibration_tokens": 64,
+                          "window_tokens": 32, "arithmetic_items": 60, "chunk_chars": 120},
+        "distill": {"steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 1, "lmc_points": 2, "top_k": 4,
+                    "tokens": 600, "chunk_chars": 120, "arithmetic_items": 60, "seq_len": 48,
+                    "loss": {"kd": 1.0, "ce": 0.2, "router": 0.1}},
+        "validate": {"min_retention": RETENTION_GOAL, "student_dtype": "fp32", "cka": False},
+        "interference": False,
+        "verify_export": False,
+    },
+}
 
 
-def demo_recipe(teachers: dict, run_dir: Path, max_items=200) -> dict:
+def tiny_specialist_recipes():
+    """Tiny variants of the three registered specialists (same families and tokenizers), for ``scale="test"``."""
+    from ..training.specialists import SPECIALISTS, SpecialistRecipe
+
+    tiny = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
+                steps=3, warmup_steps=1, batch_size=4)
+    out = {}
+    for name in SPECIALIST_CAPABILITY:
+        base = SPECIALISTS[name].model_dump()
+        extra = {"seq_len": 64} if base["data"] != "arithmetic" else {
+            "train_items": 200, "eval_items": 10, "stop_exact_match": None, "validation_items": 10}
+        out[name] = SpecialistRecipe(**{**base, **tiny, **extra})
+    return out
+
+
+def demo_recipe(teachers: dict, run_dir: Path, max_items=200, scale="full") -> dict:
+    preset = SCALES[scale]
     return {
         "name": "demo",
         "run_dir": str(run_dir),
@@ -35,7 +86,10 @@ def demo_recipe(teachers: dict, run_dir: Path, max_items=200) -> dict:
             {"name": "arithmetic", "probe": "exact_match", "data": "bundled:arithmetic"},
         ],
         "student": {"budget": {"memory_gb": 16}},
-        "stages": {"profile": {"n_bootstrap": 1000, "max_items": max_items, "seed": 0}},
+        "stages": {"profile": {**preset["profile"], "max_items": max_items},
+                   "student_build": dict(preset["student_build"]),
+                   "distill": dict(preset["distill"]),
+                   "validate": dict(preset["validate"])},
     }
 
 
@@ -55,45 +109,141 @@ def import_is_lossless(folder, n_tokens=256):
     return {"max_abs_logit_diff": diff, "tokens": int(ids.shape[1]), "architecture": teacher.config.model_type}
 
 
-def run_demo(out_dir="runs", teachers_dir=None, steps=None, max_items=200, console=None, show_progress=True):
-    """Run the demo; returns a summary dict (also written to ``<out_dir>/demo/demo.json``)."""
-    from rich.console import Console
+def competence_table(competence):
     from rich.table import Table
 
+    table = Table("specialist", "metric", "score [95% CI]", "trivial baseline", "goal", "competent",
+                  title="specialist competence (held-out)")
+    for name, c in competence.items():
+        b = c["baseline"]
+        goal = f">= {c['target']}" if c["metric"] == "exact_match" else "below the unigram bpb"
+        table.add_row(name, c["metric"], f"{c['score']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]",
+                      f"{b['score']:.3f} ({b.get('kind', b['metric'])})", goal,
+                      "[green]yes[/]" if c["competent"] else "[red]NO[/]")
+    return table
+
+
+def _stage(console, n, title):
+    console.rule(f"[bold]{n}. {title}")
+    return time.perf_counter()
+
+
+def run_demo(out_dir="runs", teachers_dir=None, steps=None, max_items=None, console=None, show_progress=True,
+             scale="full"):
+    """Run the demo; returns a summary dict (also written to ``<out_dir>/demo/demo.json``).
+
+    ``steps`` overrides the specialists' training steps (part of their cache key); ``max_items`` the items per
+    capability in profile and validation; ``scale``: ``"full"`` or ``"test"`` (tiny specialists, a few steps).
+    """
+    from rich.console import Console
+
+    from ..hub.export import export_checkpoint
     from ..training.specialists import load_competence, train_specialist
+    from .distill import run_distill
     from .profile import run_profile
     from .profile_report import profile_table
     from .recipe import validate_recipe
+    from .report_render import validation_table
+    from .student_build import build_student
+    from .validate import run_validate
 
+    if scale not in SCALES:
+        raise ValueError(f"scale: {scale!r} is not one of {sorted(SCALES)}")
+    preset = SCALES[scale]
     console = console or Console()
+    started = time.perf_counter()
+    seconds = {}
     out_dir = Path(out_dir).resolve()
     teachers_dir = Path(teachers_dir) if teachers_dir else out_dir / "demo-teachers"
-    console.rule("[bold]1. specialist teachers")
-    teachers = {}
-    for name in SPECIALIST_CAPABILITY:
-        teachers[name] = train_specialist(name, teachers_dir / name, steps=steps, progress=show_progress)
+    run = out_dir / "demo"
+
+    t = _stage(console, 1, "specialist teachers (cached after the first run)")
+    recipes = tiny_specialist_recipes() if scale == "test" else {n: n for n in SPECIALIST_CAPABILITY}
+    teachers = {name: train_specialist(recipes[name], teachers_dir / name, steps=steps, progress=show_progress)
+                for name in SPECIALIST_CAPABILITY}
     competence = {name: load_competence(path) for name, path in teachers.items()}
-
-    console.rule("[bold]2. lossless import into Nexus")
+    console.print(competence_table(competence))
     imports = {name: import_is_lossless(path) for name, path in teachers.items()}
-    table = Table("teacher", "architecture", "tokens", "max |logit diff| (fp32)")
-    for name, row in imports.items():
-        table.add_row(name, row["architecture"], str(row["tokens"]), f"{row['max_abs_logit_diff']:.2e}")
-    console.print(table)
+    console.print("lossless import into Nexus (max |logit diff|, fp32): "
+                  + ", ".join(f"{n} ({r['architecture']}) {r['max_abs_logit_diff']:.1e}" for n, r in imports.items()))
+    seconds["specialists"] = time.perf_counter() - t
 
-    console.rule("[bold]3. profile: teacher x capability (95% bootstrap CIs)")
-    raw = demo_recipe(teachers, out_dir, max_items=max_items)
+    t = _stage(console, 2, "profile: teacher x capability (95% bootstrap CIs)")
+    raw = demo_recipe(teachers, out_dir, max_items=max_items or preset["profile"]["max_items"], scale=scale)
     recipe = validate_recipe(raw, base_dir=out_dir)
-    profile = run_profile(recipe, console=console, show_progress=show_progress, force=steps is not None)
+    profile = run_profile(recipe, console=console, show_progress=show_progress)
     console.print(profile_table(profile))
-    summary = {"competence": competence, "imports": imports, "profile_path": profile["path"],
-               "best": profile.get("best"), "not_built": ["distill", "validate", "export", "consolidate"]}
-    with atomic_file(out_dir / "demo" / "demo.json") as tmp:
+    seconds["profile"] = time.perf_counter() - t
+
+    t = _stage(console, 3, "student: shared tokenizer, one tower per capability from its best teacher")
+    init_path, build = build_student(recipe, profile, run / "student_build", console=console,
+                                     show_progress=show_progress)
+    console.print(f"student init: {build['params']:,} params = {build['params_ratio']:.3f} of the teachers' "
+                  f"{build['teacher_params_total']:,} (budget {build['budget']['params']:,}: "
+                  f"{build['budget']['source']}); towers: "
+                  + ", ".join(f"{tw['capability']} <- {tw['teacher']} ({tw['params']:,})" for tw in build["towers"]))
+    console.print(f"shared embedding rows: {build['embedding_rows']}")
+    seconds["student_build"] = time.perf_counter() - t
+
+    t = _stage(console, 4, "distill: caches, token-aligned KD, router, LMC")
+    distill = run_distill(recipe, init_path, profile=profile, console=console, show_progress=show_progress,
+                          force=scale == "test")
+    student_path = Path(distill["student"])
+    seconds["distill"] = time.perf_counter() - t
+
+    t = _stage(console, 5, "validate: retention per capability vs the best teacher")
+    checkpoints = [f"init={init_path}", f"distilled={student_path}"] if preset["interference"] else ()
+    report = run_validate(recipe, student_path, checkpoints=checkpoints, lmc=distill["lmc"]["json"]
+                          if distill.get("lmc") else None, console=console, show_progress=show_progress,
+                          force=True)
+    console.print(validation_table(report))
+    seconds["validate"] = time.perf_counter() - t
+
+    t = _stage(console, 6, "export: self-contained checkpoint + model card from report.json")
+    export_dir = run / "export"
+    exported = export_checkpoint(student_path, export_dir, card=Path(report["path"]) / "model_card.md",
+                                 overwrite=True, verify=preset["verify_export"])
+    seconds["export"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+
+    retention = {cap: {k: e.get(k) for k in ("value", "ci", "teacher", "metric", "student_score", "teacher_score")}
+                 for cap, e in report["retention"].items()}
+    below = [cap for cap, e in report["retention"].items() if e["value"] is None or e["value"] < RETENTION_GOAL]
+    summary = {
+        "scale": scale,
+        "competence": competence, "imports": imports, "profile_path": profile["path"], "best": profile.get("best"),
+        "student_build": {k: build[k] for k in ("params", "params_ratio", "teacher_params_total", "budget",
+                                                "embedding_rows", "hidden_size")} | {"path": str(init_path)},
+        "distill": {k: distill.get(k) for k in ("student", "bytes_per_token", "router_accuracy", "heldout_ce", "train",
+                                                "alignment", "lmc")},
+        "report_path": str(Path(report["path"]) / "report.json"),
+        "retention": retention, "min": report["min"], "mean": report["mean"], "gate": report["gate"],
+        "below_goal": below, "student_params": report["student_params"], "params_ratio": report["params_ratio"],
+        "export": exported, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    with atomic_file(run / "demo.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))
-    with atomic_file(out_dir / "demo" / "recipe.yaml") as tmp:
+    with atomic_file(run / "recipe.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    console.rule("[bold]next")
-    console.print("Consolidating these teachers into one student (distill -> validate -> export) is not built yet; "
-                  "no retention figure is printed because none was measured.")
-    console.print(f"wrote {out_dir / 'demo'} and {profile['path']}")
+
+    console.rule("[bold]result")
+    router = distill["router_accuracy"]
+    console.print(f"student {report['student_params']:,} params ({report['params_ratio']:.3f} of the teachers' sum); "
+                  f"router accuracy on held-out rows {router['overall']:.3f}; cache bytes/token "
+                  + ", ".join(f"{k.split('--')[-1]} {v:.0f}" for k, v in distill["bytes_per_token"].items()))
+    m = report["min"]
+    if m is not None:
+        console.print(f"minimum retention {m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}] ({m['capability']}); "
+                      f"mean {report['mean']['value']:.3f} [{report['mean']['ci'][0]:.3f}, "
+                      f"{report['mean']['ci'][1]:.3f}]")
+    if below:
+        console.print(f"[yellow]below the {RETENTION_GOAL} retention goal: {', '.join(below)}[/] (measured, not "
+                      "adjusted)")
+    not_competent = [n for n, c in competence.items() if not c["competent"]]
+    if not_competent:
+        console.print(f"[yellow]specialists not competent at their capability: {', '.join(not_competent)}[/] — their "
+                      "retention compares the student with a teacher that has not learnt the task")
+    console.print(f"wall time {seconds['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()
+                                                                    if k != "total") + ")")
+    console.print(f"wrote {run} (report {summary['report_path']}, export {export_dir})")
     return summary

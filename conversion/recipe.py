@@ -49,7 +49,8 @@ RESOLVED_RECIPE = "recipe.resolved.yaml"
 
 # Stages register their options here; the modules of the built-in stages are imported (explicitly) on first use.
 STAGE_OPTIONS: dict[str, type[BaseModel]] = {}
-BUILTIN_STAGE_MODULES = ("nexus.conversion.profile", "nexus.conversion.localise", "nexus.conversion.compress")
+BUILTIN_STAGE_MODULES = ("nexus.conversion.profile", "nexus.conversion.localise", "nexus.conversion.compress",
+                         "nexus.conversion.validate", "nexus.conversion.student_build", "nexus.conversion.distill")
 
 
 class RecipeError(ValueError):
@@ -140,7 +141,10 @@ class Recipe(_Strict):
 
     @property
     def run_path(self) -> Path:
-        return Path(self.run_dir) / self.name
+        """``<run_dir>/<name>``; `safe_run_path` refuses a name that would resolve outside ``run_dir``."""
+        from .run_paths import safe_run_path
+
+        return safe_run_path(self.run_dir, self.name, field="name")
 
     def teacher(self, name) -> TeacherSpec:
         return next(t for t in self.teachers if t.name == name)

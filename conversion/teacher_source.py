@@ -7,6 +7,7 @@ safetensors folder (keyed by the file's size and mtime), so later loads skip the
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,30 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 class TeacherSourceError(ValueError):
     pass
+
+
+def check_safetensors_file(path):
+    """Raise a TeacherSourceError naming ``path`` unless its header parses and its tensors cover the file exactly.
+
+    Reads only the header, so a corrupt or truncated download is caught before anything loads.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            n = int.from_bytes(raw, "little")
+            if n > size - 8:
+                raise ValueError(f"header length {n} is past the end of the {size}-byte file")
+            header = json.loads(fh.read(n))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise TeacherSourceError(f"teacher weights {path} are not a valid safetensors file ({exc})") from None
+    if 8 + n + max(ends, default=0) != size:
+        raise TeacherSourceError(f"teacher weights {path} are truncated or padded: the header describes "
+                                 f"{8 + n + max(ends, default=0)} bytes but the file has {size}")
 
 
 def check_teacher_source(path, allow_pickle=False):
@@ -36,7 +61,10 @@ def check_teacher_source(path, allow_pickle=False):
         if len(ggufs) == 1:
             return "gguf"
         raise TeacherSourceError(f"teacher folder {path} has no config.json (not an HF checkpoint folder)")
-    if any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if weights:
+        for file in weights:
+            check_safetensors_file(file)
         return "hf"
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
@@ -81,13 +109,53 @@ def gguf_to_safetensors(gguf_path, cache_root):
     return out
 
 
-def resolve_teacher_folder(path, allow_pickle=False, cache_root=None):
-    """An HF folder for the teacher at ``path`` (converting a GGUF into ``cache_root`` when needed)."""
+def cast_cache_folder(folder, dtype):
+    """A sibling of the cached fp32 folder ``folder`` holding the same weights in ``dtype`` (made once).
+
+    A bf16 teacher then loads straight from bf16 safetensors: loading the fp32 cache and casting would hold both
+    copies at once (measured on Gemma-3-270M: +1.7 GB peak for a 0.5 GB bf16 model). The cast is done tensor by
+    tensor, so converting needs the bf16 copy plus one fp32 tensor at a time.
+    """
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    out = folder.with_name(f"{folder.name}-{str(dtype).removeprefix('torch.')}")
+    if (out / "config.json").is_file():
+        return out
+    with atomic_dir(out, overwrite=True) as tmp:
+        for path in sorted(folder.iterdir()):
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as fh:
+                    tensors = {k: (t.to(dtype) if (t := fh.get_tensor(k)).is_floating_point() else t)
+                               for k in fh.keys()}
+                    save_file(tensors, str(tmp / path.name), metadata=fh.metadata())
+                del tensors
+            elif path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    os.chmod(out, 0o755)
+    return out
+
+
+def resolve_teacher_folder(path, allow_pickle=False, cache_root=None, dtype=None):
+    """An HF folder for the teacher at ``path`` (converting a GGUF into ``cache_root`` when needed).
+
+    For a GGUF, ``dtype`` (e.g. ``torch.bfloat16``) picks a cached copy already in that dtype; the default is the
+    fp32 dequantisation.
+    """
     kind = check_teacher_source(path, allow_pickle)
     if kind == "gguf":
         if cache_root is None:
             cache_root = Path.home() / ".cache" / "nexus" / "gguf"
-        return gguf_to_safetensors(path, cache_root)
+        folder = gguf_to_safetensors(path, cache_root)
+        if dtype is not None and dtype != torch.float32:
+            folder = cast_cache_folder(folder, dtype)
+        return folder
     return Path(path)
 
 
@@ -95,7 +163,7 @@ def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_co
     """Load (model, tokenizer) for a teacher; the tokenizer must exist alongside the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_teacher_folder(path, allow_pickle, cache_root)
+    folder = resolve_teacher_folder(path, allow_pickle, cache_root, dtype=dtype)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise TeacherSourceError(

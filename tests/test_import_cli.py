@@ -90,3 +90,24 @@ def test_failure_midway_leaves_nothing(llama_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ti.NexusForCausalLM, "save_pretrained", boom)
     out = tmp_path / "out"
     _assert_clean_failure(_run(llama_dir, out), out, "No space left on device")
+
+
+def test_a_cached_teacher_gets_a_bf16_sibling_that_loads_without_an_fp32_copy(llama_dir, tmp_path):
+    """The GGUF cache is fp32; a bf16 teacher loads from a bf16 sibling made once, tensor by tensor."""
+    from safetensors import safe_open
+
+    from nexus.conversion.teacher_source import cast_cache_folder
+
+    cached = tmp_path / "teacher-abc"
+    shutil.copytree(llama_dir, cached)
+    sibling = cast_cache_folder(cached, torch.bfloat16)
+    assert sibling.name == "teacher-abc-bfloat16" and (sibling / "tokenizer.json").is_file()
+    with safe_open(str(cached / "model.safetensors"), "pt") as fp32, safe_open(str(sibling / "model.safetensors"), "pt") as bf16:
+        assert set(fp32.keys()) == set(bf16.keys())
+        for key in fp32.keys():
+            assert bf16.get_tensor(key).dtype == torch.bfloat16
+            assert torch.equal(bf16.get_tensor(key), fp32.get_tensor(key).to(torch.bfloat16))
+    model = AutoModelForCausalLM.from_pretrained(sibling)
+    assert model.dtype == torch.bfloat16
+    (sibling / "model.safetensors").unlink()  # made once: an existing sibling is reused, not rebuilt
+    assert cast_cache_folder(cached, torch.bfloat16) == sibling and not (sibling / "model.safetensors").exists()

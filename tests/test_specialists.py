@@ -69,6 +69,21 @@ def test_bpe_tokenizer_is_lossless_for_any_text(tmp_path):
         train_bpe_tokenizer("abc", vocab_size=100)
 
 
+def test_bpe_split_digits_keeps_every_digit_a_token_and_stays_lossless(tmp_path):
+    text = corpus_text("code", "train")[:30_000] + "\n".join(f"{i * 37}+{i * 91}={i * 128}" for i in range(300))
+    plain, split = (train_bpe_tokenizer(text, vocab_size=400, split_digits=s) for s in (False, True))
+    split.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    sample = "x = 12345 + 678\nprint(2024)"
+    for t in (split, loaded):
+        pieces = t.convert_ids_to_tokens(t(sample, add_special_tokens=False)["input_ids"])
+        assert [p for p in pieces if any(c.isdigit() for c in p)] == list("123456782024")
+        assert _round_trips(t, sample)
+    numbers = "\n".join(f"{i * 37}+{i * 91}" for i in range(300))
+    merged = plain.convert_ids_to_tokens(plain(numbers, add_special_tokens=False)["input_ids"])
+    assert any(sum(c.isdigit() for c in p) > 1 for p in merged)  # without the option the same data merges digits
+
+
 def _tiny(name, **update):
     base = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
                 warmup_steps=2, lr=3e-3, batch_size=8, bpe_vocab_size=300, train_items=1_000, eval_items=8)

@@ -14,14 +14,21 @@ from nexus.training.char_tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
 
 
-def train_bpe_tokenizer(text: str, vocab_size: int = 1024, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE with ``vocab_size`` entries (specials and the 256 bytes included) on ``text``."""
+def train_bpe_tokenizer(text: str, vocab_size: int = 1024, model_max_length: int = 2048,
+                        split_digits: bool = False) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE with ``vocab_size`` entries (specials and the 256 bytes included) on ``text``.
+
+    ``split_digits`` makes every digit its own token (as Llama and Gemma do), so numbers are never merged into
+    multi-digit tokens and a character-level arithmetic teacher's digits align one to one with the student's.
+    """
     if not isinstance(text, str) or not text:
         raise ValueError("text: give a non-empty training corpus")
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size: {vocab_size} is below {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

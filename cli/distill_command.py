@@ -1,0 +1,44 @@
+"""`nexus distill RECIPE`: build the multi-tower student (unless given) and distil every teacher into it.
+
+Reads the profile (`nexus profile RECIPE` first); writes ``runs/<name>/student_build/`` and ``runs/<name>/distill/``
+(the student checkpoint, train log, caches with bytes/token, router accuracy, LMC plot). A killed run resumes from
+its newest checkpoint when started again.
+"""
+
+import typer
+from rich.console import Console
+
+from .errors import clean_errors
+
+
+def distill(
+    recipe: str = typer.Argument(..., help="the recipe YAML (teachers, capabilities, stages.student_build/distill)"),
+    student_init: str = typer.Option(None, "--student-init", help="an initial student checkpoint folder (default: "
+                                                                   "build it into runs/<name>/student_build)"),
+    out: str = typer.Option(None, "--out", help="output folder (default runs/<name>/distill)"),
+    force: bool = typer.Option(False, "--force", help="redo the stage even when its inputs are unchanged"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Distil the profiled teachers into one multi-tower student (token-aligned KD, router, checkpoints, LMC)."""
+    from .conversion.distill import run_distill
+    from .conversion.profile import load_profile
+    from .conversion.recipe import load_recipe
+    from .conversion.student_build import run_student_build
+
+    console = Console()
+    with clean_errors():
+        loaded = load_recipe(recipe)
+        profile = load_profile(loaded.run_path)
+        if student_init is None:
+            path, record = run_student_build(loaded, profile, console=console, show_progress=not quiet)
+            console.print(f"student init {path}: {record['params']:,} params "
+                          f"({record['params_ratio']:.3f} of its teachers)" + (" [dim](reused)[/]" if record["reused"]
+                                                                                else ""))
+            student_init = path
+        summary = run_distill(loaded, student_init, profile=profile, out=out, console=console,
+                              show_progress=not quiet, force=force)
+    router = summary["router_accuracy"]
+    console.print(f"router accuracy on held-out rows: {router['overall']:.3f} (n={router['n']})")
+    console.print("cache bytes/token: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["bytes_per_token"].items()))
+    console.print(f"wrote {summary['student']}" + (" [dim](inputs unchanged: reused)[/]" if summary.get("reused")
+                                                   else ""))

@@ -1,0 +1,48 @@
+"""`nexus validate RECIPE STUDENT`: retention per capability (95% CIs), layer CKA, interference, and the gate.
+
+Exit codes: 0 = validated (gate passed or not requested), 2 = bad input (one red line, nothing written),
+3 = the gate failed (the report is still written; the failing capabilities are printed).
+"""
+
+import typer
+from rich.console import Console
+
+from .errors import clean_errors
+
+GATE_FAILED = 3
+
+
+def validate(
+    recipe: str = typer.Argument(..., help="the recipe YAML (teachers, capabilities, stages.validate options)"),
+    student: str = typer.Argument(..., help="the student checkpoint folder (Nexus or HF, safetensors + tokenizer)"),
+    checkpoint: list[str] = typer.Option(
+        None, "--checkpoint", help="one checkpoint per training phase, in order (repeat; NAME=PATH names a phase): "
+                                   "gives the interference matrix"),
+    feature_map: str = typer.Option(None, "--feature-map", help="a localise feature_map.json to draw in the report"),
+    lmc: str = typer.Option(None, "--lmc", help="an LMC path JSON ({alphas, scores}) to draw in the report"),
+    out: str = typer.Option(None, "--out", help="output folder (default runs/<name>/validate)"),
+    gate: bool = typer.Option(None, "--gate/--no-gate",
+                              help="--gate: require stages.validate.min_retention and gate on it; --no-gate: report "
+                                   "only; default: gate when the recipe sets a threshold"),
+    force: bool = typer.Option(False, "--force", help="re-validate even when the inputs are unchanged"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Does the student keep every capability? Writes report.json, report.md, PNGs and model_card.md."""
+    from .conversion.recipe import load_recipe
+    from .conversion.report_render import validation_table
+    from .conversion.validate import run_validate
+
+    console = Console()
+    with clean_errors():
+        report = run_validate(load_recipe(recipe), student, checkpoints=checkpoint or (), feature_map=feature_map,
+                              lmc=lmc, out=out, gate=gate, console=console, show_progress=not quiet, force=force)
+    console.print(validation_table(report))
+    if report.get("reused"):
+        console.print("[dim]inputs unchanged since the last validation: reused it (--force to redo)[/]")
+    console.print(f"wrote {report['path']}")
+    result = report["gate"]
+    if result["requested"] and not result["passed"]:
+        failed = ", ".join(result["failed"]) or result.get("capability") or "?"
+        Console(stderr=True).print(f"[bold red]gate failed:[/] {result['reason']}; capabilities below "
+                                   f"{result['threshold']}: {failed}", highlight=False)
+        raise typer.Exit(GATE_FAILED)

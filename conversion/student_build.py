@@ -1,0 +1,407 @@
+"""Student construction: a multi-tower Nexus model whose tower t serves capability t and starts from its best teacher.
+
+    path, record = build_student(recipe, profile, "runs/demo/student_build")
+
+For every capability (recipe order) the profile's best teacher is loaded (ONE resident at a time, freed before the
+next), imported losslessly (`nexus_from_teacher`), compressed with the capability scorer on that capability's
+training text (`compress_model`, vocabulary trimming off: the student has its own shared vocabulary), and its decoder
+layers are copied into tower t. A tower keeps its teacher's width; when that differs from the shared hidden size,
+the tower's edge projections (``in_proj`` / ``out_proj``, made by ``NexusDecoderTower``) are initialised to select /
+re-embed the teacher's channels (``[I | 0]`` and its transpose), so the tower sees the first ``h_t`` channels of the
+shared residual stream.
+
+**Budget.** The whole student (shared embedding, router, final norm, edge projections, towers) must fit the budget:
+``stages.student_build.budget_fraction`` x the summed parameters of the teachers it is built from, or else
+``student.budget``. What the fixed parts leave is shared between the towers in proportion to their teachers' layer
+parameters (every tower keeps the same fraction ``f``); each tower is compressed to that many parameters, so the sum
+is within budget (checked on the built model).
+
+**Shared tokenizer** (``tokenizer``): ``train_bpe`` trains a byte-level BPE (``bpe_vocab_size``, every digit its own
+token with ``split_digits``) on all capabilities' training text, so a character-level arithmetic teacher aligns one to
+one on digits; or a teacher's name takes that teacher's tokenizer.
+
+**Shared embedding rows** (``embedding_init: teachers``). A student token is *owned* by the tower whose capability
+text uses it most (relative frequency under the student tokenizer; ties: recipe order). Its row is copied from the
+owner's teacher when that teacher has a token with the same surface string (zero-padded to the shared width, which
+matches the ``[I | 0]`` edge projections); otherwise from the next tower's teacher that has the string; special tokens
+(pad / bos / eos / unk) by role; every other row keeps a random init with the teachers' row scale. Why ownership and
+not an average: the teachers' embedding spaces are unrelated bases, so averaging rows of different teachers gives
+noise, while a row from the teacher whose tower will read that token is exactly what that tower expects. Known
+limits, left to distillation: the embedding is tied and unscaled, so a Gemma tower's inputs lack Gemma's
+``sqrt(hidden)`` embedding scale; the shared final norm starts at the mean of the teachers' effective final-norm
+weights (``w`` for RMSNorm, ``1 + w`` for Gemma's).
+
+Writes ``out`` atomically: the student (``NexusForCausalLM.save_pretrained``, safetensors), its tokenizer and
+``student_build.json`` (towers, teachers, compress records, budget, parameter counts, embedding-init counts).
+
+Sample recipe section::
+
+    stages:
+      student_build: {tokenizer: train_bpe, bpe_vocab_size: 1024, budget_fraction: 0.3333, allocation: dynamic}
+"""
+
+import gc
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..modeling_nexus import NexusConfig, NexusForCausalLM
+from .atomic_output import atomic_dir, atomic_file
+from .budget import Budget, config_parameter_count, resolve_budget
+from .recipe import Recipe, register_stage_options
+
+STAGE = "student_build"
+SCHEMA = "nexus.student_build/1"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class StudentBuildOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokenizer: str = Field("train_bpe", description="the shared tokenizer: 'train_bpe' (a byte-level BPE trained on "
+                                                    "every capability's training text) or a teacher's name")
+    bpe_vocab_size: int = Field(1024, ge=260, description="train_bpe: vocabulary size (specials and bytes included)")
+    split_digits: bool = Field(True, description="train_bpe: every digit its own token (aligns 1:1 with a "
+                                                 "character-level teacher on numbers)")
+    hidden_size: int | None = Field(None, ge=8, description="shared hidden size (default: the widest tower teacher)")
+    budget_fraction: float | None = Field(
+        None, gt=0, le=1, description="the whole student <= this fraction of the summed parameters of the teachers "
+                                      "it is built from (default: student.budget)")
+    scorer: str = Field("capability", description="compress importance scorer for every tower")
+    allocation: Literal["auto", "dynamic", "uniform"] | None = Field(
+        None, description="compress per-layer widths (default: the scorer's own)")
+    calibration_tokens: int = Field(2048, ge=16, description="compress calibration tokens per tower")
+    selection_tokens: int = Field(1024, ge=16, description="allocation=auto: held-aside training tokens per tower")
+    window_tokens: int = Field(128, ge=8, description="compress calibration window (capped at the teacher's context)")
+    embedding_init: Literal["teachers", "random"] = Field(
+        "teachers", description="shared embedding rows: from the owning tower's teacher by token string, or random")
+    chunk_chars: int = Field(400, ge=16, description="training text is cut into chunks of about this many characters")
+    arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic: generated training items")
+    seed: int = Field(0, description="seed of the random parts (rows no teacher provides)")
+
+
+register_stage_options(STAGE, StudentBuildOptions)
+
+
+class StudentBuildError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def teacher_counts(folder):
+    """Parameter counts of the teacher at ``folder`` from its config alone (nothing loaded): total, layers, hidden."""
+    from transformers import AutoConfig
+
+    from .teacher_families import nexus_config_kwargs
+
+    hf = AutoConfig.from_pretrained(folder)
+    config = NexusConfig(**nexus_config_kwargs(hf))
+    counts = config_parameter_count(config)
+    return {"total": counts["total"], "layers": counts["non_embedding"] - config.hidden_size,
+            "hidden_size": config.hidden_size, "max_positions": config.max_position_embeddings}
+
+
+def tower_teachers(recipe: Recipe, profile: dict) -> dict:
+    """{capability: its best teacher per the profile}, in recipe order; a capability without one is an error."""
+    best = profile.get("best") or {}
+    out = {}
+    for i, cap in enumerate(recipe.capabilities):
+        if cap.name not in best:
+            raise StudentBuildError(f"capability {cap.name!r} (capabilities[{i}]) has no best teacher in the profile; "
+                                    "rerun `nexus profile`")
+        out[cap.name] = best[cap.name]
+    return out
+
+
+def split_budget(total_budget, fixed, layer_params):
+    """The keep fraction f and per-tower layer budgets so that fixed + sum(f * layers) <= total_budget."""
+    available = total_budget - fixed
+    need = sum(layer_params.values())
+    if available <= 0:
+        raise StudentBuildError(f"budget: {total_budget:,} params do not even hold the shared parts ({fixed:,}: "
+                                "embedding, router, final norm, edge projections); raise the budget or use a "
+                                "smaller shared vocabulary / hidden size")
+    f = min(1.0, available / need)
+    return f, {k: int(f * v) for k, v in layer_params.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def shared_tokenizer(options, texts, recipe, folders):
+    if options.tokenizer == "train_bpe":
+        from ..training.bpe_tokenizer import train_bpe_tokenizer
+
+        corpus = "\n".join("\n".join(t.chunks) for t in texts.values())
+        return train_bpe_tokenizer(corpus, options.bpe_vocab_size, split_digits=options.split_digits)
+    names = [t.name for t in recipe.teachers]
+    if options.tokenizer not in names:
+        raise StudentBuildError(f"stages.student_build.tokenizer: {options.tokenizer!r} is neither 'train_bpe' nor a "
+                                f"teacher; teachers: {', '.join(names)}")
+    from .teacher_source import load_tokenizer
+
+    return load_tokenizer(folders[options.tokenizer])
+
+
+def token_owners(tokenizer, texts, order):
+    """{student id: capability that uses it most (relative frequency)}, for ids used by some capability's text."""
+    freq = {}
+    for cap in order:
+        counts = Counter()
+        for ids in tokenizer(texts[cap].chunks, add_special_tokens=False)["input_ids"]:
+            counts.update(ids)
+        total = sum(counts.values()) or 1
+        freq[cap] = {i: n / total for i, n in counts.items()}
+    owners = {}
+    for cap in order:
+        for i, f in freq[cap].items():
+            if i not in owners or f > freq[owners[i]].get(i, 0.0):
+                owners[i] = cap
+    return owners
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _effective_norm(model):
+    norm = model.model.norm
+    w = norm.weight.detach().float()
+    return w + 1.0 if norm.kind == "gemma_rms" else w
+
+
+def _compress_tower(cap, teacher_name, folder, dtype, text, tower_layer_budget, options, console, show_progress):
+    """Load one teacher, import, compress its layers to ``tower_layer_budget``; returns what the student needs."""
+    from .compress import Capability, CompressOptions, compress_model
+    from .teacher_import import nexus_from_teacher
+    from .teacher_source import load_teacher
+
+    teacher, tok = load_teacher(folder, dtype=torch.float32)
+    max_pos = int(getattr(teacher.config, "max_position_embeddings", 2048) or 2048)
+    nexus = nexus_from_teacher(teacher, name=cap, capabilities=[cap])
+    del teacher
+    gc.collect()
+    info = {"embedding": nexus.model.embed_tokens.weight.detach().float().clone(),
+            "final_norm": _effective_norm(nexus), "tokenizer": tok, "max_positions": max_pos}
+    hidden = nexus.config.hidden_size
+    copts = CompressOptions(scorer=options.scorer, allocation=options.allocation, vocab={"trim": False},
+                            calibration_tokens=options.calibration_tokens, selection_tokens=options.selection_tokens,
+                            window_tokens=min(options.window_tokens, max_pos))
+    budget = Budget(tower_layer_budget + hidden, "non_embedding", f"tower {cap}: {tower_layer_budget} layer params")
+    calibration = "\n".join(text.chunks)
+    if tower_layer_budget >= config_parameter_count(nexus.config)["non_embedding"] - hidden:
+        student, record = nexus, {"note": "budget holds the whole teacher: not pruned",
+                                  "params": {"student": config_parameter_count(nexus.config)}}
+    else:
+        student, _, record = compress_model(nexus, tok, [Capability(cap, calibration, 1.0, text.source)], copts,
+                                            budget=budget, console=console, show_progress=show_progress)
+        record.pop("vocab", None)
+    info["tower_spec"] = dict(student.config.towers[0])
+    info["tower_state"] = {k: v.detach().clone() for k, v in student.model.towers[0].state_dict().items()}
+    info["record"] = {k: v for k, v in record.items() if k in ("allocation", "budget", "params", "keep_fraction",
+                                                               "kept", "notes", "note", "seconds", "scorer")}
+    del student, nexus
+    gc.collect()
+    return info
+
+
+def _surface_index(tokenizer):
+    from ..training.token_alignment import token_surface_strings
+
+    index = {}
+    for i, s in enumerate(token_surface_strings(tokenizer)):
+        if s is not None and s not in index:
+            index[s] = i
+    return index
+
+
+def _init_embedding(student, student_tok, towers, texts, order, options):
+    """Fill the shared embedding rows (see the module docstring); returns counts of where rows came from."""
+    from ..training.token_alignment import token_surface_strings
+
+    weight = student.model.embed_tokens.weight
+    H = weight.shape[1]
+    counts = Counter()
+    if options.embedding_init == "random":
+        return {"random": weight.shape[0]}
+    scale = torch.stack([t["embedding"].std() for t in towers.values()]).mean()
+    gen = torch.Generator().manual_seed(options.seed)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=gen) * scale)
+        owners = token_owners(student_tok, texts, order)
+        strings = token_surface_strings(student_tok)
+        indexes = {cap: _surface_index(towers[cap]["tokenizer"]) for cap in order}
+        for sid, s in enumerate(strings):
+            if s is None:
+                continue
+            first = owners.get(sid, order[0])
+            for cap in [first] + [c for c in order if c != first]:
+                tid = indexes[cap].get(s)
+                if tid is not None:
+                    row = towers[cap]["embedding"][tid]
+                    weight[sid].zero_()
+                    weight[sid, :row.numel()] = row[:H]
+                    counts[f"from {cap}" + (" (owner)" if cap == first else " (fallback)")] += 1
+                    break
+            else:
+                counts["random (no teacher has the string)"] += 1
+        for role in ("pad_token", "bos_token", "eos_token", "unk_token"):
+            sid = getattr(student_tok, f"{role}_id", None)
+            if sid is None:
+                continue
+            for cap in order:
+                t_tok = towers[cap]["tokenizer"]
+                tid = getattr(t_tok, f"{role}_id", None)
+                if tid is not None and tid < towers[cap]["embedding"].shape[0]:
+                    row = towers[cap]["embedding"][tid]
+                    weight[sid].zero_()
+                    weight[sid, :row.numel()] = row[:H]
+                    counts["special tokens by role"] += 1
+                    break
+    return dict(counts)
+
+
+def assemble_student(towers, student_tok, hidden_size, order, texts, options):
+    """The multi-tower NexusForCausalLM from compressed towers (tower t = capability order[t])."""
+    specs = []
+    for cap in order:
+        spec = {k: v for k, v in towers[cap]["tower_spec"].items()}
+        spec.update(name=cap, capabilities=[cap])
+        specs.append(spec)
+    config = NexusConfig(
+        vocab_size=len(student_tok), hidden_size=hidden_size, towers=specs, router={"type": "pooled_linear"},
+        embedding_scale=None, final_norm="rms", final_norm_eps=1e-6, final_logit_softcapping=None,
+        max_position_embeddings=max(t["max_positions"] for t in towers.values()), tie_word_embeddings=True,
+        pad_token_id=student_tok.pad_token_id, bos_token_id=student_tok.bos_token_id,
+        eos_token_id=student_tok.eos_token_id, capability_names=list(order))
+    torch.manual_seed(options.seed)
+    student = NexusForCausalLM(config).eval()
+    with torch.no_grad():
+        for t, cap in enumerate(order):
+            tower = student.model.towers[t]
+            missing, unexpected = tower.load_state_dict(towers[cap]["tower_state"], strict=False)
+            missing = [k for k in missing if not k.startswith(("in_proj", "out_proj"))]
+            if missing or unexpected:
+                raise RuntimeError(f"tower {cap}: layer copy mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            if tower.in_proj is not None:
+                h = tower.in_proj.weight.shape[0]
+                eye = torch.zeros(h, hidden_size)
+                eye[:, :min(h, hidden_size)] = torch.eye(h, min(h, hidden_size))
+                tower.in_proj.weight.copy_(eye)
+                tower.out_proj.weight.copy_(eye.T)
+        norms = [torch.nn.functional.pad(t["final_norm"], (0, hidden_size - t["final_norm"].numel()), value=1.0)
+                 for t in towers.values()]
+        student.model.norm.weight.copy_(torch.stack(norms).mean(0))
+    rows = _init_embedding(student, student_tok, towers, texts, order, options)
+    student.tie_weights()
+    return student, rows
+
+
+def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, show_progress=True,
+                  overwrite=True, inputs_digest=None) -> tuple[Path, dict]:
+    """Build the student into ``out`` (atomically); returns (path, record). ``texts``: {cap: TrainingText}
+    (default: `training_text` of every capability)."""
+    from .teacher_source import resolve_teacher_folder
+    from .training_text import training_text
+
+    start = time.perf_counter()
+    options = recipe.stage(STAGE)
+    out = Path(out)
+    chosen = tower_teachers(recipe, profile)
+    order = list(chosen)
+    distill_opts = recipe.stages.get("distill")
+    train_data = getattr(distill_opts, "train_data", {}) or {}
+    if texts is None:
+        texts = {c.name: training_text(c.name, c.data, train_data.get(c.name), options.chunk_chars,
+                                       items=options.arithmetic_items) for c in recipe.capabilities}
+    folders = {t.name: resolve_teacher_folder(t.source, t.allow_pickle, recipe.cache_dir) for t in recipe.teachers}
+    counts = {name: teacher_counts(folders[name]) for name in dict.fromkeys(chosen.values())}
+    student_tok = shared_tokenizer(options, texts, recipe, folders)
+    hidden = options.hidden_size or max(counts[t]["hidden_size"] for t in chosen.values())
+    n = len(order)
+    fixed = len(student_tok) * hidden + hidden + (hidden * n + n if n > 1 else 0)
+    fixed += sum(2 * hidden * counts[t]["hidden_size"] for t in chosen.values() if counts[t]["hidden_size"] != hidden)
+    teachers_total = sum(c["total"] for c in counts.values())
+    if options.budget_fraction is not None:
+        total_budget = int(options.budget_fraction * teachers_total)
+        budget_source = f"{options.budget_fraction:g} x the {teachers_total:,} params of the tower teachers"
+    else:
+        b = recipe.student.budget
+        resolved = resolve_budget(b.params, None, b.memory_gb, "total")
+        total_budget, budget_source = resolved.params, "student.budget: " + resolved.source
+    f, tower_budgets = split_budget(total_budget, fixed, {cap: counts[chosen[cap]]["layers"] for cap in order})
+    towers = {}
+    for cap in order:  # one teacher resident at a time: each is loaded, compressed and freed here
+        teacher = recipe.teacher(chosen[cap])
+        if console is not None:
+            console.print(f"  tower {cap}: teacher {teacher.name}, {counts[teacher.name]['layers']:,} layer params "
+                          f"-> {tower_budgets[cap]:,} (keep {f:.3f})")
+        towers[cap] = _compress_tower(cap, teacher.name, folders[teacher.name], DTYPES[teacher.dtype], texts[cap],
+                                      tower_budgets[cap], options, console, show_progress)
+    student, rows = assemble_student(towers, student_tok, hidden, order, texts, options)
+    params = sum(p.numel() for p in student.parameters())
+    if params > total_budget:
+        raise StudentBuildError(f"the built student has {params:,} params, over the budget of {total_budget:,} "
+                                f"({budget_source})")
+    record = {
+        "schema": SCHEMA,
+        "towers": [{"index": t, "capability": cap, "teacher": chosen[cap], "hidden_size": towers[cap]["tower_spec"]
+                    ["hidden_size"], "layers": len(towers[cap]["tower_spec"]["layers"]),
+                    "params": sum(p.numel() for p in student.model.towers[t].parameters()),
+                    "layer_budget": tower_budgets[cap], "teacher_layer_params": counts[chosen[cap]]["layers"],
+                    "compress": towers[cap]["record"]} for t, cap in enumerate(order)],
+        "hidden_size": hidden,
+        "tokenizer": {"kind": options.tokenizer, "vocab_size": len(student_tok)},
+        "budget": {"params": total_budget, "source": budget_source, "keep_fraction": f, "fixed_params": fixed},
+        "params": params,
+        "teacher_params": {name: c["total"] for name, c in counts.items()},
+        "teacher_params_total": teachers_total,
+        "params_ratio": params / teachers_total,
+        "embedding_rows": rows,
+        "training_text": {cap: {"source": t.source, "chunks": len(t.chunks)} for cap, t in texts.items()},
+        "options": options.model_dump(mode="json"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "inputs_digest": inputs_digest,
+    }
+    student.config.nexus_source = {"stage": STAGE, "teachers": {cap: chosen[cap] for cap in order}}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        student.save_pretrained(tmp)
+        student_tok.save_pretrained(tmp)
+        with atomic_file(tmp / "student_build.json") as f_tmp:
+            f_tmp.write_text(json.dumps(record, indent=1, default=str))
+    return out, record
+
+
+def build_inputs_digest(recipe, profile):
+    blob = json.dumps({"best": profile.get("best"), "options": recipe.stage(STAGE).model_dump(mode="json"),
+                       "teachers": [t.model_dump(mode="json") for t in recipe.teachers],
+                       "budget": recipe.student.budget.model_dump(mode="json")}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show_progress=True, force=False):
+    """The student_build stage: build into ``out`` (default ``runs/<name>/student_build``) unless a build with the same
+    inputs (profile's best teachers, options, teachers, budget) is there; returns (path, record)."""
+    from .profile import load_profile
+
+    profile = profile if profile is not None else load_profile(recipe.run_path)
+    out = Path(out) if out is not None else recipe.run_path / STAGE
+    digest = build_inputs_digest(recipe, profile)
+    record_path = out / "student_build.json"
+    if not force and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        if record.get("inputs_digest") == digest:
+            return out, {**record, "reused": True}
+    path, record = build_student(recipe, profile, out, console=console, show_progress=show_progress,
+                                 inputs_digest=digest)
+    return path, {**record, "reused": False}

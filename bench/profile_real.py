@@ -110,6 +110,14 @@ def memory_breakdown(teacher_source, cache_dir):
         """, "writing a bf16 copy")
     out["model_from_bf16_copy"] = json.loads(child(probe.format(
         load=f"AutoModelForCausalLM.from_pretrained({str(bf16)!r}, dtype=torch.bfloat16)"), "bf16-copy load"))
+    # The single teacher at work: tokenizer + bf16 weights (the profile's own loader) + one lm-probe batch of 8 x 256
+    # tokens through the same compute path. This is the footprint one resident teacher needs by itself.
+    out["teacher_alone_working"] = json.loads(child(probe.format(load=(
+        f"(lambda mt: __import__('nexus.conversion.probes', fromlist=['probe_class']).probe_class('lm')("
+        f"'bundled:prose', {{}}, __import__('nexus.conversion.probes', fromlist=['ProbeSettings']).ProbeSettings("
+        f"max_items=8, batch_size=8, window_tokens=256, seed=0)).load().score(*mt))("
+        f"__import__('nexus.conversion.teacher_source', fromlist=['load_teacher']).load_teacher("
+        f"{teacher_source!r}, dtype=torch.bfloat16, cache_root={str(cache_dir)!r}))")), "teacher alone at work"))
     return out
 
 
@@ -184,6 +192,13 @@ def main():
         report["memory_breakdown"] = breakdown
         for what, figures in breakdown.items():
             console.print(f"{what}: RSS +{figures['rss_after'] / MB:.0f} MiB after, peak +{figures['peak'] / MB:.0f} MiB")
+        alone = breakdown["teacher_alone_working"]["peak"]
+        over = mem["peak_rss_bytes"] - rss_after_imports
+        report["memory_vs_teacher_alone"] = {"profile_peak_over_imports_bytes": over, "teacher_alone_peak_bytes": alone,
+                                             "ratio": over / alone}
+        console.print(f"profile peak above this script's imports {over / MB:.0f} MiB vs the largest teacher alone at "
+                      f"work (fresh process, above its imports) {alone / MB:.0f} MiB: ratio {over / alone:.3f} "
+                      f"(target <= 1.2); vs its bf16 weights alone: {over / mem['largest_teacher_bf16_bytes']:.3f}")
     out = Path(args.out)
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")

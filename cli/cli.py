@@ -41,6 +41,8 @@ from .demo_command import demo  # noqa: E402
 app.command("demo")(demo)
 from .distill_command import distill  # noqa: E402
 app.command("distill")(distill)
+from .consolidate_command import consolidate  # noqa: E402
+app.command("consolidate")(consolidate)
 from .validate_command import validate  # noqa: E402
 app.command("validate")(validate)
 from .export_command import export  # noqa: E402

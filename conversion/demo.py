@@ -137,15 +137,9 @@ def run_demo(out_dir="runs", teachers_dir=None, steps=None, max_items=None, cons
     """
     from rich.console import Console
 
-    from ..hub.export import export_checkpoint
     from ..training.specialists import load_competence, train_specialist
-    from .distill import run_distill
-    from .profile import run_profile
-    from .profile_report import profile_table
+    from .consolidate import run_consolidate
     from .recipe import validate_recipe
-    from .report_render import validation_table
-    from .student_build import build_student
-    from .validate import run_validate
 
     if scale not in SCALES:
         raise ValueError(f"scale: {scale!r} is not one of {sorted(SCALES)}")
@@ -168,42 +162,14 @@ def run_demo(out_dir="runs", teachers_dir=None, steps=None, max_items=None, cons
                   + ", ".join(f"{n} ({r['architecture']}) {r['max_abs_logit_diff']:.1e}" for n, r in imports.items()))
     seconds["specialists"] = time.perf_counter() - t
 
-    t = _stage(console, 2, "profile: teacher x capability (95% bootstrap CIs)")
     raw = demo_recipe(teachers, out_dir, max_items=max_items or preset["profile"]["max_items"], scale=scale)
     recipe = validate_recipe(raw, base_dir=out_dir)
-    profile = run_profile(recipe, console=console, show_progress=show_progress)
-    console.print(profile_table(profile))
-    seconds["profile"] = time.perf_counter() - t
-
-    t = _stage(console, 3, "student: shared tokenizer, one tower per capability from its best teacher")
-    init_path, build = build_student(recipe, profile, run / "student_build", console=console,
-                                     show_progress=show_progress)
-    console.print(f"student init: {build['params']:,} params = {build['params_ratio']:.3f} of the teachers' "
-                  f"{build['teacher_params_total']:,} (budget {build['budget']['params']:,}: "
-                  f"{build['budget']['source']}); towers: "
-                  + ", ".join(f"{tw['capability']} <- {tw['teacher']} ({tw['params']:,})" for tw in build["towers"]))
-    console.print(f"shared embedding rows: {build['embedding_rows']}")
-    seconds["student_build"] = time.perf_counter() - t
-
-    t = _stage(console, 4, "distill: caches, token-aligned KD, router, LMC")
-    distill = run_distill(recipe, init_path, profile=profile, console=console, show_progress=show_progress,
-                          force=scale == "test")
-    student_path = Path(distill["student"])
-    seconds["distill"] = time.perf_counter() - t
-
-    t = _stage(console, 5, "validate: retention per capability vs the best teacher")
-    checkpoints = [f"init={init_path}", f"distilled={student_path}"] if preset["interference"] else ()
-    report = run_validate(recipe, student_path, checkpoints=checkpoints, lmc=distill["lmc"]["json"]
-                          if distill.get("lmc") else None, console=console, show_progress=show_progress,
-                          force=True)
-    console.print(validation_table(report))
-    seconds["validate"] = time.perf_counter() - t
-
-    t = _stage(console, 6, "export: self-contained checkpoint + model card from report.json")
-    export_dir = run / "export"
-    exported = export_checkpoint(student_path, export_dir, card=Path(report["path"]) / "model_card.md",
-                                 overwrite=True, verify=preset["verify_export"])
-    seconds["export"] = time.perf_counter() - t
+    done = run_consolidate(recipe, console=console, show_progress=show_progress, first_stage_number=2,
+                           force_distill=scale == "test", interference=preset["interference"],
+                           verify_export=preset["verify_export"], force_validate=True)
+    profile, build, distill, report, exported = (done[k] for k in ("profile", "build", "distill", "report", "export"))
+    init_path = Path(build["init_path"])
+    seconds.update(done["seconds"])
     seconds["total"] = time.perf_counter() - started
 
     retention = {cap: {k: e.get(k) for k in ("value", "ci", "teacher", "metric", "student_score", "teacher_score")}
@@ -245,5 +211,5 @@ def run_demo(out_dir="runs", teachers_dir=None, steps=None, max_items=None, cons
                       "retention compares the student with a teacher that has not learnt the task")
     console.print(f"wall time {seconds['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()
                                                                     if k != "total") + ")")
-    console.print(f"wrote {run} (report {summary['report_path']}, export {export_dir})")
+    console.print(f"wrote {run} (report {summary['report_path']}, export {run / 'export'})")
     return summary

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .probes import ProbeSettings, probe_class
-from .probes.token_scores import LOGIT_BUDGET, _head_fn
+from .probes.token_scores import FULL_LOGIT_BUDGET, _head_fn
 
 LOCALISABLE_PROBES = ("lm", "exact_match", "multiple_choice")
 SCORES = ("loglik", "accuracy")
@@ -262,7 +262,7 @@ def _target_scores(model, input_ids, lo, hi, log_odds=False):
     targets = input_ids[:, lo + 1:hi + 1]
     batch, steps = targets.shape
     vocab = model.config.get_text_config().vocab_size
-    span = max(1, LOGIT_BUDGET // max(1, batch * vocab))
+    span = max(1, FULL_LOGIT_BUDGET // max(1, batch * vocab))
     logp, odds, correct = [], [], []
     for start in range(0, steps, span):
         end = min(start + span, steps)

@@ -37,7 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .atomic_output import atomic_dir, atomic_file
-from .peak_rss import current_rss, peak_rss, reset_peak_rss
+from .peak_rss import current_rss, peak_rss, release_freed_memory, reset_peak_rss
 from .probes import ProbeDataError, ProbeSettings, probe_class
 from .probes.data_source import ARITHMETIC_HELDOUT_SEED, ARITHMETIC_ITEMS, is_bundled, parse_bundled
 from .recipe import Recipe, register_stage_options, write_resolved_recipe
@@ -117,6 +117,7 @@ def plan_profile(recipe: Recipe, probes: dict) -> tuple[dict, dict]:
             else:
                 plan[teacher.name].append(cap.name)
         del tokenizer
+        release_freed_memory()
     for i, cap in enumerate(recipe.capabilities):
         if not any(cap.name in caps for caps in plan.values()):
             why = "; ".join(f"{t}: {r}" for t, r in skipped[cap.name].items()) or "no eligible teacher"
@@ -246,7 +247,7 @@ def _score_one(teacher, caps, recipe, probes, progress, on_teacher_loaded):
             "model_type": getattr(model.config, "model_type", None), "vocab_size": len(tokenizer),
             "load_seconds": round(load_seconds, 2)}
     del model, tokenizer, result
-    gc.collect()  # the teacher is gone before the next one loads
+    release_freed_memory()  # the teacher is gone (and its pages returned) before the next one loads
     memory = {"peak_rss_bytes": peak_rss(), "params": params, "bf16_bytes": 2 * params}
     return results, items, info, memory
 

@@ -5,6 +5,7 @@ remote code is never run unless ``trust_remote_code`` is set. A GGUF file is deq
 safetensors folder (keyed by the file's size and mtime), so later loads skip the slow conversion.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -188,6 +189,22 @@ def load_tokenizer(folder, trust_remote_code=False):
             f"no tokenizer in {folder}: expected one of {', '.join(names)} next to the weights"
         )
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with _config_type_warning_silenced():
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # the library's own errors are long; keep the cause, name the folder
         raise TeacherSourceError(f"cannot load the tokenizer in {folder}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _config_type_warning_silenced():
+    """AutoTokenizer reads a Nexus folder's config.json through the base config class, which logs "You are using a
+    model of type `nexus` to instantiate a model of type ``" although nothing is instantiated; hide that one logger."""
+    import logging
+
+    log = logging.getLogger("transformers.configuration_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nexus.conversion.corpora import arithmetic_items, corpus_text
+from nexus.conversion.corpora import arithmetic_check, arithmetic_items, corpus_text
 from nexus.training import specialists as sp
 from nexus.training.bpe_tokenizer import train_bpe_tokenizer
 from nexus.training.char_tokenizer import DIGITS_AND_OPERATORS, PRINTABLE_ASCII, build_char_tokenizer
@@ -116,8 +116,7 @@ def test_arithmetic_batches_mask_prompts_and_exclude_heldout_prompts():
         text = tok.decode(row, skip_special_tokens=True)
         answer = text.split("=")[1]
         assert targets == answer + tok.eos_token  # only the answer and EOS are trained on
-        a, op, b = text.split("=")[0].partition("+") if "+" in text else text.split("=")[0].partition("-")
-        assert int(answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert arithmetic_check({"prompt": text.split("=")[0] + "=", "answer": answer})
 
 
 def test_recipes_validate_their_fields():

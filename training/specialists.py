@@ -73,6 +73,13 @@ class SpecialistRecipe(BaseModel):
     validation_seed: int = Field(1, description="arithmetic: seed of the validation items used for early stopping")
     validation_items: int = Field(200, ge=1, description="arithmetic: validation items for early stopping")
     validate_every: int = Field(250, ge=1, description="arithmetic: steps between validation checks")
+    decay: Literal["matrices", "all"] = Field(
+        "matrices", description="weight decay on matrices only (not norms or embeddings), or on every parameter; "
+                                "decay on everything is what makes the arithmetic specialist 'grok' modular digit sums")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning rate after warm-up: cosine decay to 10%, or constant")
+    clip_grad_norm: float | None = Field(1.0, gt=0, description="gradient-norm clipping (None: no clipping)")
+    adam_beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2")
     autocast: Literal["none", "bfloat16"] = Field(
         "none", description="bf16 autocast for training; 'none' (fp32) because this CPU has no native bf16 matmul "
                             "(AVX2 only: a bf16 matmul measured ~48x slower than fp32)")
@@ -96,11 +103,16 @@ class SpecialistRecipe(BaseModel):
         return math.ceil(self.train_items / ARITHMETIC_ITEMS_PER_SEED)
 
     def recipe_hash(self):
-        blob = json.dumps({"recipe": self.model_dump(), "code": TRAINING_CODE_VERSION}, sort_keys=True)
+        recipe = self.model_dump()
+        for name in HASH_STABLE_FIELDS:  # fields added later leave the hash of recipes that keep their default alone
+            if recipe[name] == SpecialistRecipe.model_fields[name].default:
+                del recipe[name]
+        blob = json.dumps({"recipe": recipe, "code": TRAINING_CODE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 ARITHMETIC_ITEMS_PER_SEED = 10_000
+HASH_STABLE_FIELDS = ("decay", "schedule", "clip_grad_norm", "adam_beta2")
 
 SPECIALISTS: dict[str, SpecialistRecipe] = {}
 
@@ -113,14 +125,16 @@ def register_specialist(recipe: SpecialistRecipe) -> SpecialistRecipe:
     return recipe
 
 
-# Arithmetic in the plain format (answer most-significant digit first, as the probe reads it) needs depth more than
-# width: measured on 64-item batches, a 6-layer width-96 model reached 49% exact match after 2,000 steps while a
-# 4-layer width-64 one was at 0% (and 47% only after 5,000). Training stops once 95% of the validation items are right.
+# Arithmetic (little-endian layout, see `arithmetic_items`) is learned in a sudden jump ("grokking") once weight decay
+# acts on every parameter: measured with 64-item batches, lr 2e-3 constant, decay 0.1 on all parameters, the 6-layer
+# width-96 model went from chance on the low digits to 100% digit accuracy between steps 1,250 and 1,500; with decay on
+# matrices only, clipping and a cosine schedule it was still at 0-2% exact match after 2,000-4,000 steps. Training
+# stops once 95% of the validation items are right; `steps` is a cap.
 register_specialist(SpecialistRecipe(
     name="arithmetic", family="llama", tokenizer="char", data="arithmetic",
     hidden_size=96, num_layers=6, num_heads=4, num_kv_heads=4, head_dim=24, intermediate_size=384,
-    steps=3000, lr=3e-3, warmup_steps=100, batch_size=64, seq_len=32,
-    stop_exact_match=0.95, validate_every=500,
+    steps=4000, lr=2e-3, warmup_steps=0, weight_decay=0.1, decay="all", schedule="constant", clip_grad_norm=None,
+    adam_beta2=0.999, batch_size=64, seq_len=32, stop_exact_match=0.95, validate_every=250,
 ))
 register_specialist(SpecialistRecipe(
     name="code", family="gemma3_text", tokenizer="bpe", bpe_vocab_size=1024, data="code",
@@ -282,6 +296,8 @@ def make_batches(recipe, tokenizer, seed):
 def _lr_lambda(recipe):
     def factor(step):  # linear warm-up, then cosine from 1 to 0.1
         warm = min(1.0, (step + 1) / recipe.warmup_steps) if recipe.warmup_steps else 1.0
+        if recipe.schedule == "constant":
+            return warm
         progress = min(1.0, step / max(1, recipe.steps))
         return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
@@ -291,9 +307,10 @@ def _lr_lambda(recipe):
 def _optimizer(model, recipe):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        (decay if recipe.decay == "all" or (p.ndim >= 2 and "embed" not in name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.98), eps=1e-8)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, betas=(0.9, recipe.adam_beta2),
+                             eps=1e-8)
 
 
 def train_model(model, recipe, batches, progress=True, log_every=50, validate=None):
@@ -324,7 +341,8 @@ def train_model(model, recipe, batches, progress=True, log_every=50, validate=No
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training {recipe.name}: the loss became {loss.item()} at step {step}")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if recipe.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,26 @@
+"""`nexus consolidate RECIPE`: profile -> student build -> distill -> validate -> export (see `nexus.conversion.consolidate`)."""
+
+import typer
+from rich.console import Console
+
+from .errors import clean_errors
+
+GATE_FAILED = 3  # the same exit code as `nexus validate`
+
+
+def consolidate(
+    recipe: str = typer.Argument(..., help="the recipe YAML (teachers, capabilities, student budget, stage options)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Run every stage after the teachers exist; a rerun reuses finished stages and resumes distillation."""
+    from .conversion.consolidate import run_consolidate
+    from .conversion.recipe import load_recipe
+
+    console = Console()
+    with clean_errors():
+        done = run_consolidate(load_recipe(recipe), console=console, show_progress=not quiet)
+    report = done["report"]
+    console.print(f"wrote {done['export']['path']} (report {report['path']})")
+    gate = report.get("gate") or {}
+    if gate.get("passed") is False:
+        raise typer.Exit(GATE_FAILED)

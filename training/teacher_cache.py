@@ -313,7 +313,14 @@ def open_teacher_cache(path):
 
 @torch.no_grad()
 def _teacher_outputs(model, windows, settings, batch_size):
-    """Per window: (topk values, topk indices int32, logsumexp, {layer: hidden}) from one right-padded batch run."""
+    """Per window: (topk values, topk indices int32, logsumexp, {layer: hidden}) from one right-padded batch run.
+
+    The forward runs under `compute_context(model, "auto")`: a teacher resident in bf16 multiplies in fp32 on a CPU
+    without native bf16 matmuls (about 7x faster there). The outputs go to disk, so their inference-mode flag never
+    reaches a loss.
+    """
+    from nexus.conversion.probes.compute_mode import compute_context
+
     value_dtype, hidden_dtype = _DTYPES[settings.value_dtype], _DTYPES[settings.hidden_dtype]
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -329,8 +336,9 @@ def _teacher_outputs(model, windows, settings, batch_size):
         mask = torch.zeros(len(chunk), T, dtype=torch.long)
         for r, w in enumerate(chunk):
             ids[r, :w.numel()], mask[r, :w.numel()] = w, 1
-        res = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    output_hidden_states=bool(settings.layers), use_cache=False)
+        with compute_context(model, "auto"):  # bf16 weights: fp32 matmuls where the CPU has no native bf16
+            res = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        output_hidden_states=bool(settings.layers), use_cache=False)
         logits = res.logits  # (B, T, V), the teacher's dtype
         if settings.k > logits.shape[-1]:
             raise ValueError(f"k={settings.k} is larger than the teacher's vocabulary ({logits.shape[-1]})")

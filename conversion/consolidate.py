@@ -2,14 +2,13 @@
 
 profile -> student build -> distill -> validate -> export, all under ``runs/<name>/``. Each stage keys its artefacts
 by a hash of its inputs: `run_profile` reuses a profile whose inputs did not change, `run_distill` resumes from its
-last checkpoint (exactly: the same final weights as an uninterrupted run), `run_validate` reuses an unchanged report.
-`run_student_build` reuses a build with the same inputs; the export is cheap and is redone. `nexus demo` is this function on the bundled specialists.
+last checkpoint (exactly: the same final weights as an uninterrupted run), `run_validate` reuses an unchanged report
+and `run_student_build` a build with the same inputs; the export is cheap and is redone. `nexus demo` is this
+function on the bundled specialists.
 """
 
 import time
 from pathlib import Path
-
-STAGES = ("profile", "student_build", "distill", "validate", "export")
 
 
 def _rule(console, n, title):

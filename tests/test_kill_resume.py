@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +73,7 @@ def test_sigkill_then_rerun_gives_bit_identical_weights(two_teachers, tmp_path_f
         if run_dir.is_dir() else []
     print(f"kill at {fraction:.0%} of {seconds:.0f} s: killed={killed}; stage folders in place: {done}; "
           f"temporaries left: {len(leftovers(root))}")
-    rerun = subprocess.run(command(recipe), env=environment(), capture_output=True, text=True)
+    rerun = subprocess.run(command(recipe), env=environment(), capture_output=True, text=True, check=False)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     weights = final_weights(root)
     assert weights.keys() == reference.keys()
@@ -89,6 +88,6 @@ def uninterrupted(two_teachers, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("uninterrupted")
     recipe = recipe_file(two_teachers, root)
     started = time.monotonic()
-    run = subprocess.run(command(recipe), env=environment(), capture_output=True, text=True)
+    run = subprocess.run(command(recipe), env=environment(), capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     return final_weights(root), time.monotonic() - started

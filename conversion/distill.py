@@ -47,7 +47,6 @@ Kirkpatrick et al. 2017 (EWC anchor), Frankle et al. 2020 (linear mode connectiv
 import gc
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -58,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..training.distill_losses import DistillLoss, LossMix, next_token_ce
 from ..training.distill_options import PreservationOptions
 from .atomic_output import atomic_dir, atomic_file
+from .json_finite import json_finite
 from .recipe import Recipe, register_stage_options
 
 STAGE = "distill"
@@ -540,15 +540,6 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         "seconds": round(time.perf_counter() - start, 1),
     }
     with atomic_file(summary_path) as tmp:
-        tmp.write_text(json.dumps(_finite(summary), indent=1, default=str))
+        tmp.write_text(json.dumps(json_finite(summary), indent=1, default=str))
     return {**summary, "reused": False}
 
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

@@ -55,10 +55,10 @@ are metadata; teacher and capability names cannot start with ``_`` (the recipe f
 """
 
 import json
-import math
 from pathlib import Path
 
 from .atomic_output import atomic_file
+from .json_finite import json_finite
 
 SCHEMA = "nexus.feature_map/1"
 CONFIDENCE_KEYS = ("presence", "perturbation", "activation", "spectral", "causal", "agreement", "overall")
@@ -114,7 +114,7 @@ def validate_feature_map(fm, source="feature map"):
 def write_feature_map(fm, path):
     """Validate and write ``fm`` as JSON, atomically (NaN/inf become null)."""
     validate_feature_map(fm)
-    text = json.dumps(_finite(fm), indent=1)
+    text = json.dumps(json_finite(fm), indent=1)
     with atomic_file(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
@@ -131,15 +131,6 @@ def load_feature_map(path):
         raise FeatureMapError(f"{path}: not valid JSON ({exc})") from None
     return validate_feature_map(fm, str(path))
 
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def layer_matrix(fm, teacher, key="specific", kind="layer"):

@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .atomic_output import atomic_dir, atomic_file
 from .cka import cka_matrix, depth_matched
+from .json_finite import json_finite
 from .probes.base import inference_context
 from .profile import (
     DTYPES,
@@ -716,20 +717,10 @@ def build_report(recipe, plan, scored, seconds=None) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _finite(obj):
-    """JSON has no NaN/inf: they become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
 
 def _write_json(path, obj):
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _write_into(folder, recipe, report, plan, inputs):
@@ -767,7 +758,7 @@ def run_validate(recipe: Recipe, student_path, checkpoints=(), feature_map=None,
             return {**json.loads((target / "report.json").read_text()), "path": str(target), "reused": True}
     with _sigterm_raises():
         scored = score_all(recipe, plan, console, show_progress, on_model_loaded)
-        report = _finite(build_report(recipe, plan, scored, time.perf_counter() - start))
+        report = json_finite(build_report(recipe, plan, scored, time.perf_counter() - start))
         created = [p for p in [target, *target.parents] if not p.exists()]
         try:
             with atomic_dir(target, overwrite=True) as tmp:

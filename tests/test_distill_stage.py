@@ -179,27 +179,12 @@ def test_a_corrupted_cache_shard_is_detected_and_rebuilt(built, straight, tmp_pa
 def test_consolidate_cli_runs_every_stage_and_a_rerun_reuses_them(two_teachers, tmp_path):
     """`nexus consolidate RECIPE`: profile -> student build -> distill -> validate -> export; the second run reuses
     the profile, the distilled student (no new training) and the report."""
-    import yaml
     from typer.testing import CliRunner
 
     from nexus.cli import app
 
-    raw = {
-        "name": "tiny", "run_dir": str(tmp_path / "runs"),
-        "teachers": [{"name": n, "source": str(p), "dtype": "fp32"} for n, p in two_teachers.items()],
-        "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose"},
-                         {"name": "code", "probe": "lm", "data": "bundled:code"}],
-        "stages": {
-            "profile": {"max_items": 6, "n_bootstrap": 50, "window_tokens": 32},
-            "student_build": {"bpe_vocab_size": 300, "budget_fraction": 0.6, "allocation": "dynamic",
-                              "calibration_tokens": 64, "window_tokens": 32},
-            "distill": {"steps": 2, "batch_size": 2, "tokens": 300, "chunk_chars": 100, "seq_len": 32,
-                        "checkpoint_every": 1, "lmc_points": 2, "top_k": 4, "cache_batch_size": 4},
-            "validate": {"cka": False},
-        },
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    first = CliRunner().invoke(app, ["consolidate", str(tmp_path / "recipe.yaml"), "--quiet"])
+    recipe = consolidate_recipe_file(two_teachers, tmp_path, steps=2)
+    first = CliRunner().invoke(app, ["consolidate", str(recipe), "--quiet"])
     assert first.exit_code == 0, first.output
     run = tmp_path / "runs" / "tiny"
     assert {"profile", "student_build", "distill", "validate", "export"} <= {p.name for p in run.iterdir()}
@@ -208,9 +193,32 @@ def test_consolidate_cli_runs_every_stage_and_a_rerun_reuses_them(two_teachers, 
     exported = AutoModelForCausalLM.from_pretrained(run / "export", trust_remote_code=True)
     assert len(exported.config.towers) == 2
     weights = state(run / "distill" / "student")
-    second = CliRunner().invoke(app, ["consolidate", str(tmp_path / "recipe.yaml"), "--quiet"], env={"COLUMNS": "200"})
+    second = CliRunner().invoke(app, ["consolidate", str(recipe), "--quiet"], env={"COLUMNS": "200"})
     assert second.exit_code == 0, second.output
     for stage in ("profile", "student build", "distill"):
         assert f"{stage}: inputs unchanged" in second.output, second.output
     after = state(run / "distill" / "student")
     assert all(torch.equal(weights[k], after[k]) for k in weights)  # the distilled student was not retrained
+
+
+def consolidate_recipe_file(teachers, root, steps):
+    """A tiny `nexus consolidate` recipe over ``teachers`` (prose and code), written to ``root/recipe.yaml``."""
+    import yaml
+
+    raw = {
+        "name": "tiny", "run_dir": str(root / "runs"),
+        "teachers": [{"name": n, "source": str(p), "dtype": "fp32"} for n, p in teachers.items()],
+        "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose"},
+                         {"name": "code", "probe": "lm", "data": "bundled:code"}],
+        "stages": {
+            "profile": {"max_items": 6, "n_bootstrap": 50, "window_tokens": 32},
+            "student_build": {"bpe_vocab_size": 300, "budget_fraction": 0.6, "allocation": "dynamic",
+                              "calibration_tokens": 64, "window_tokens": 32},
+            "distill": {"steps": steps, "batch_size": 2, "tokens": 300, "chunk_chars": 100, "seq_len": 32,
+                        "checkpoint_every": 1, "lmc_points": 2, "top_k": 4, "cache_batch_size": 4},
+            "validate": {"cka": False},
+        },
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    return root / "recipe.yaml"

@@ -10,31 +10,14 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from test_distill_stage import two_teachers  # noqa: F401  (the module-scoped fixture: two tiny teachers)
+from test_distill_stage import consolidate_recipe_file, two_teachers  # noqa: F401  (two_teachers: a fixture)
 
 KILL_FRACTIONS = (0.15, 0.35, 0.55, 0.75, 0.9)  # of the uninterrupted run's wall time
 
 
 def recipe_file(teachers, root):
-    raw = {
-        "name": "tiny", "run_dir": str(root / "runs"),
-        "teachers": [{"name": n, "source": str(p), "dtype": "fp32"} for n, p in teachers.items()],
-        "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose"},
-                         {"name": "code", "probe": "lm", "data": "bundled:code"}],
-        "stages": {
-            "profile": {"max_items": 6, "n_bootstrap": 50, "window_tokens": 32},
-            "student_build": {"bpe_vocab_size": 300, "budget_fraction": 0.6, "allocation": "dynamic",
-                              "calibration_tokens": 64, "window_tokens": 32},
-            "distill": {"steps": 6, "batch_size": 2, "tokens": 300, "chunk_chars": 100, "seq_len": 32,
-                        "checkpoint_every": 1, "lmc_points": 2, "top_k": 4, "cache_batch_size": 4},
-            "validate": {"cka": False},
-        },
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    return root / "recipe.yaml"
+    return consolidate_recipe_file(teachers, root, steps=6)
 
 
 def command(recipe):

@@ -290,14 +290,19 @@ def raw_round(model, batches, steps):
     return tokens / (time.perf_counter() - start)
 
 
-def engine_round(model, batches, steps, lr):
+def engine_round(model, batches, steps, lr, loss=None):
+    """`train_student` for ``steps`` steps (AdamW, clipping, no warm-up); its loop tokens/s (checkpoint excluded).
+
+    ``loss``: the loss module (default `loss_module`: KD 1.0 + CE 0.2)."""
     from nexus.training.distill_engine import train_student
     from nexus.training.distill_options import EngineOptions
 
     run_dir = Path(tempfile.mkdtemp(prefix="distill_real_speed_"))
     try:
-        opts = EngineOptions(steps=steps, lr=lr, checkpoint_every=steps, autocast="off")
-        summary = train_student(model, loss_module(), batches, opts, run_dir, progress=False)
+        opts = EngineOptions(steps=steps, lr=lr, checkpoint_every=steps, autocast="off",
+                             gradient_checkpointing=model.is_activation_checkpointing)
+        summary = train_student(model, loss if loss is not None else loss_module(), batches, opts, run_dir,
+                                progress=False)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     return summary["tokens_per_second"]
@@ -338,7 +343,8 @@ def distill_run(args, batches, mode, probes, student_tok):
         importance_seconds = time.time() - t0
     preservation = Preservation({"mode": mode, "strength": args.strength}, importance)
     opts = EngineOptions(steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 10), autocast="off",
-                         checkpoint_every=args.steps, keep_last=1, seed=0)
+                         checkpoint_every=args.steps, keep_last=1, seed=0,
+                         gradient_checkpointing=args.gradient_checkpointing)
     run_dir = Path(tempfile.mkdtemp(prefix=f"distill_real_{mode}_"))
     try:
         summary = train_student(model, loss, batches, opts, run_dir, preservation=preservation,
@@ -532,6 +538,9 @@ def main():
     parser.add_argument("--round-steps", type=int, default=3, help="steps per throughput measurement")
     parser.add_argument("--fresh-cache", action="store_true", help="rebuild the teacher cache even if it is valid")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute layer activations in the backward pass, in the throughput rounds (raw and "
+                             "engine alike) and the distillation runs")
     parser.add_argument("--teacher-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.teacher_child:

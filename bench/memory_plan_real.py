@@ -7,11 +7,16 @@ Every measurement runs in a fresh child process (one at a time, 1 thread) and re
 * ``tokenizer``: + the tokenizer (its resident size and its parse peak: the planner's calibration constants);
 * ``load``: + tokenizer + teacher (from_pretrained, bf16);
 * ``forward``: + one no-grad forward of batch 8 x 256 tokens (the stage's peak);
-* ``plan``: the planner's numbers, from config.json and the tokenizer's file size only, in the same fresh runtime.
+* ``plan``: the planner's numbers, from config.json and the tokenizer's file size only, in the same fresh runtime;
+* ``profile_stage``: the whole profile stage (`run_profile`, one prose capability of ``--items`` chunks, batch x
+  seq) against the plan `nexus consolidate` makes before it (`stage_memory.plan_profile_ram`: safetensors headers,
+  tokenizer, the probes' vocabulary-sliced head under the compute mode's dtype), both in the same fresh child.
 
-Prints a plan-vs-measured table with the ratio and writes bench/out/memory_plan_real.json.
+Prints plan-vs-measured tables with the ratio and writes bench/out/memory_plan_real.json
+(``--stage-only``: bench/out/memory_plan_profile_stage.json).
 
-    OMP_NUM_THREADS=1 python bench/memory_plan_real.py [--folder F] [--batch 8] [--seq 256]
+    OMP_NUM_THREADS=1 python bench/memory_plan_real.py [--folder F] [--batch 8] [--seq 256] [--items 8]
+                                                       [--stage-only]
 """
 
 import argparse
@@ -23,7 +28,9 @@ from pathlib import Path
 
 FOLDER = "/work/cache/gguf/gemma-3-270m-q4_k_m-e4f5d8795dcf8661-bfloat16"
 OUT = Path(__file__).resolve().parent / "out" / "memory_plan_real.json"
+OUT_STAGE_ONLY = OUT.with_name("memory_plan_profile_stage.json")  # --stage-only leaves the full record in place
 MODES = ("runtime", "tokenizer", "load", "forward", "plan")
+STAGE_MODE = "profile_stage"
 
 
 def _status(key):
@@ -33,7 +40,33 @@ def _status(key):
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def child(mode, folder, batch, seq):
+def profile_stage(folder, batch, seq, items):
+    """The profile stage on one bf16 teacher in this fresh process: the consolidate plan, then the measured peak."""
+    import shutil
+    import tempfile
+
+    from nexus.conversion.peak_rss import current_rss
+    from nexus.conversion.profile import run_profile
+    from nexus.conversion.recipe import validate_recipe
+    from nexus.conversion.stage_memory import plan_profile_ram
+
+    run_dir = tempfile.mkdtemp(prefix="nexus-memory-plan-")
+    try:
+        recipe = validate_recipe({
+            "name": "memory-plan", "run_dir": run_dir,
+            "teachers": [{"name": "gemma", "source": folder, "dtype": "bf16"}],
+            "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose"}],
+            "stages": {"profile": {"max_items": items, "batch_size": batch, "window_tokens": seq, "n_bootstrap": 100}},
+        })
+        plan = plan_profile_ram(recipe, current_rss())
+        profile = run_profile(recipe, show_progress=False)
+        return {"stage_plan": plan, "stage_peak_rss": _status("VmHWM"), "profile_memory": profile["memory"],
+                "tokens": profile["capabilities"]["prose"]["gemma"].get("tokens")}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def child(mode, folder, batch, seq, items=8):
     """One measurement in this (fresh) process; prints one JSON line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (same imports in every mode)
@@ -42,6 +75,10 @@ def child(mode, folder, batch, seq):
 
     torch.set_num_threads(1)
     record = {"mode": mode, "runtime_rss": _status("VmRSS")}
+    if mode == STAGE_MODE:
+        record.update(profile_stage(folder, batch, seq, items))
+        print("RESULT " + json.dumps(record, default=str), flush=True)
+        return
     if mode == "plan":
         plan = memory_plan.plan_stage([("gemma", folder, "bf16", folder)], stage="forward", batch=batch,
                                       seq_len=seq)
@@ -67,7 +104,7 @@ def child(mode, folder, batch, seq):
 def run_child(mode, args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--child", mode, "--folder", args.folder, "--batch", str(args.batch),
-           "--seq", str(args.seq)]
+           "--seq", str(args.seq), "--items", str(args.items)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -80,14 +117,22 @@ def main():
     parser.add_argument("--folder", default=FOLDER)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--child", choices=MODES)
+    parser.add_argument("--items", type=int, default=8, help="profile_stage: prose chunks scored (one batch of 8)")
+    parser.add_argument("--stage-only", action="store_true", help="only the profile stage against its plan")
+    parser.add_argument("--child", choices=MODES + (STAGE_MODE,))
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.folder, args.batch, args.seq)
+        return child(args.child, args.folder, args.batch, args.seq, args.items)
 
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=140)
+    stage = run_child(STAGE_MODE, args)
+    stage_rows = stage_table(console, stage, args)
+    if args.stage_only:
+        return write({"folder": args.folder, "batch": args.batch, "seq_len": args.seq, "threads": 1,
+                      "profile_stage": {"rows": stage_rows, **stage}}, console, OUT_STAGE_ONLY)
     m = {mode: run_child(mode, args) for mode in MODES}
     plan = m["plan"]["plan"]
     c = plan["components"]
@@ -119,7 +164,6 @@ def main():
         ratio = planned[name] / measured[name]
         rows.append({"row": name, "plan_bytes": planned[name], "measured_bytes": measured[name], "ratio": ratio})
         table.add_row(name, f"{planned[name] / 2**20:,.0f}", f"{measured[name] / 2**20:,.0f}", f"{ratio:.3f}")
-    console = Console(width=140)
     console.print(table)
     console.print(f"plan components (forward phase): " + ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in c.items()))
     console.print(f"activations: logits {p['activations']['logits'] / 2**20:,.0f} MiB (measured tensor "
@@ -131,13 +175,36 @@ def main():
                   f"{measured['tokenizer load peak'] / tok_file:.2f} (planner constants "
                   f"{plan['assumptions']['tokenizer_resident_per_file_byte']}, "
                   f"{plan['assumptions']['tokenizer_load_peak_per_file_byte']})")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    write({"folder": args.folder, "batch": args.batch, "seq_len": args.seq, "threads": 1, "rows": rows, "plan": plan,
+           "measurements": m, "profile_stage": {"rows": stage_rows, **stage}}, console)
+
+
+def stage_table(console, stage, args):
+    """Print the profile stage's plan against its measured peak RSS; returns the rows."""
+    from rich.table import Table
+
+    plan = stage["stage_plan"]
+    measured = stage["stage_peak_rss"]
+    table = Table(title=f"profile stage (run_profile, Gemma-3-270M bf16, {args.items} prose chunks, batch "
+                        f"{args.batch} x {args.seq}, 1 thread): consolidate's plan vs measured peak RSS")
+    for col in ("row", "MiB"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    rows = [{"row": f"plan: {k}", "bytes": v} for k, v in plan["components"].items()]
+    rows += [{"row": "plan: total", "bytes": plan["total_bytes"]}, {"row": "measured peak RSS", "bytes": measured}]
+    for r in rows:
+        table.add_row(r["row"], f"{r['bytes'] / 2**20:,.0f}")
+    console.print(table)
+    console.print(f"profile stage: plan / measured = {plan['total_bytes'] / measured:.3f} "
+                  f"({stage['tokens']} tokens scored; weights counted from {plan['assumptions'].get('params_from')})")
+    return rows + [{"row": "plan / measured", "ratio": plan["total_bytes"] / measured}]
+
+
+def write(record, console, path=OUT):
     from nexus.conversion.atomic_output import atomic_file
 
-    with atomic_file(OUT) as tmp:
-        tmp.write_text(json.dumps({"folder": args.folder, "batch": args.batch, "seq_len": args.seq, "threads": 1,
-                                   "rows": rows, "plan": plan, "measurements": m}, indent=1, default=str))
-    console.print(f"wrote {OUT}")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

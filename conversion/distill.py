@@ -101,6 +101,8 @@ class DistillOptions(BaseModel):
     lmc: bool = Field(True, description="walk the init -> distilled path and keep the best alpha")
     lmc_points: int = Field(6, ge=2, description="alphas on the LMC path")
     checkpoint_every: int = Field(50, ge=1, description="engine checkpoint every N steps (exact resume)")
+    gradient_checkpointing: bool = Field(False, description="recompute layer activations in the backward pass (less "
+                                                            "memory, same weights; not part of the stage's inputs)")
     cache_batch_size: int = Field(8, ge=1, description="windows per teacher forward pass while caching")
     sequence_max_new_tokens: int = Field(16, ge=1, description="sequence mode: tokens the teacher generates per "
                                                                 "item prompt")
@@ -325,11 +327,36 @@ def _progress(console, enabled):
                     console=console, disable=not enabled, transient=True)
 
 
-def distill_inputs(recipe, options, student_init, teachers_of, modes):
-    return {"student_init": _files_fingerprint(student_init), "options": options.model_dump(mode="json"),
+def distill_inputs(recipe, options, student_init, teachers_of, modes, folders, texts, held):
+    """The stage's cache key: the student init's files, the options, each capability's teachers and alignment modes,
+    the distilling teachers' files (a GGUF's converted folder) and the train / held-out text it learns from."""
+    from .training_text import training_texts_digest
+
+    return {"student_init": _files_fingerprint(student_init),
+            "options": options.model_dump(mode="json", exclude={"gradient_checkpointing"}),
             "teachers_of": teachers_of, "modes": modes,
-            "teachers": {t.name: _files_fingerprint(t.source) if Path(t.source).is_dir() else str(t.source)
-                         for t in recipe.teachers}}
+            "capabilities": [c.name for c in recipe.capabilities],
+            "teachers": {name: _files_fingerprint(folder) for name, folder in folders.items()},
+            "training_text": training_texts_digest(texts), "heldout_text": training_texts_digest(held)}
+
+
+ENGINE_INPUTS = "inputs_digest.json"  # in engine/: the inputs its checkpoints were trained for
+
+
+def _discard_stale_engine(engine, digest, redo):
+    """Remove ``engine`` (checkpoints, run log) when its checkpoints were trained for other inputs than ``digest``
+    (another init, other data, other options: resuming them would continue the wrong run) or when ``redo`` (a
+    finished run with these inputs is forced to run again). A crashed run with the same inputs is kept to resume."""
+    import shutil
+
+    if not engine.is_dir():
+        return
+    try:
+        recorded = json.loads((engine / ENGINE_INPUTS).read_text()).get("inputs_digest")
+    except (OSError, ValueError):
+        recorded = None
+    if redo or recorded != digest:
+        shutil.rmtree(engine)
 
 
 def _digest(obj):
@@ -380,21 +407,6 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         folders[name] = resolve_teacher_folder(spec.source, spec.allow_pickle, recipe.cache_dir)
         tokenizers[name] = load_tokenizer(folders[name], trust_remote_code=spec.trust_remote_code)
     modes = plan_alignment(recipe, options, teachers_of, student_tok, tokenizers)
-    inputs = distill_inputs(recipe, options, student_init, teachers_of, modes)
-    summary_path = out / "distill.json"
-    if not force and summary_path.is_file() and (out / "student" / "config.json").is_file():
-        try:
-            previous = json.loads(summary_path.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        if previous.get("inputs_digest") == _digest(inputs):
-            return {**previous, "reused": True}
-    if summary_path.is_file() and (out / "engine").is_dir():
-        # a finished run for other inputs (or forced): its checkpoints are stale, not a crash to resume from
-        import shutil
-
-        shutil.rmtree(out / "engine")
-
     texts, held = {}, {}
     for cap in recipe.capabilities:
         t = training_text(cap.name, cap.data, options.train_data.get(cap.name), options.chunk_chars,
@@ -403,6 +415,19 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         texts[cap.name] = _limit_tokens(train, student_tok, options.tokens)
         held_tokens = None if options.tokens is None else max(1, int(options.tokens * options.heldout_fraction))
         held[cap.name] = _limit_tokens(heldout, student_tok, held_tokens)
+    inputs = distill_inputs(recipe, options, student_init, teachers_of, modes, folders, texts, held)
+    digest = _digest(inputs)
+    summary_path = out / "distill.json"
+    try:
+        previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except (OSError, ValueError):
+        previous = {}
+    finished = previous.get("inputs_digest") == digest and (out / "student" / "config.json").is_file()
+    if finished and not force:
+        return {**previous, "reused": True}
+    _discard_stale_engine(out / "engine", digest, redo=finished)
+    with atomic_file(out / "engine" / ENGINE_INPUTS) as tmp:
+        tmp.write_text(json.dumps({"inputs_digest": digest}))
 
     # ---------------------------------------------------------------- caches, one teacher at a time
     out.mkdir(parents=True, exist_ok=True)
@@ -478,7 +503,7 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
                            warmup_steps=options.steps // 10 if options.warmup_steps is None else options.warmup_steps,
                            weight_decay=options.weight_decay,
                            autocast=options.autocast, seed=options.seed, checkpoint_every=options.checkpoint_every,
-                           keep_last=2)
+                           keep_last=2, gradient_checkpointing=options.gradient_checkpointing)
     importance = None
     if options.preservation.mode != "off":
         calib = [batches(i) for i in range(options.preservation_batches * len(groups))]
@@ -536,7 +561,7 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         "rows": {f"{g['teacher']}--{g['capability']}": len(g["rows"]) for g in groups},
         "heldout_rows": {f"{g['teacher']}--{g['capability']}": len(g["rows"]) for g in heldout_groups},
         "options": options.model_dump(mode="json"),
-        "inputs_digest": _digest(inputs),
+        "inputs_digest": digest,
         "seconds": round(time.perf_counter() - start, 1),
     }
     with atomic_file(summary_path) as tmp:

@@ -118,6 +118,23 @@ def teacher_weight_bytes(config, dtype="bf16") -> int:
     return hf_parameter_count(config)["total"] * dtype_bytes(dtype)
 
 
+def safetensors_numel(folder) -> int | None:
+    """Elements stored in the ``*.safetensors`` files of ``folder``, read from their headers only (no weights
+    loaded; a tied matrix is stored, and counted, once); None when the folder has none."""
+    import math
+
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(path, "pt") as fh:
+            total += sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
+    return total
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -142,20 +159,30 @@ def tokenizer_bytes(folder) -> dict:
 # ---------------------------------------------------------------------------------------------- activations
 
 
-def forward_activation_bytes(config, batch, seq_len, dtype="bf16") -> dict:
+def forward_activation_bytes(config, batch, seq_len, dtype="bf16", sliced_head=False) -> dict:
     """Activations of one no-grad forward of an HF decoder: ``{"logits", "layer_working_set", "total"}``.
 
     The logits (B, T, V) in the model's dtype are the largest tensor; a final-logit softcap makes two more of them
     at once (divide, tanh, multiply). Inside a layer, the live set is the residual stream and its normed copy, q/k/v
     before and after RoPE, SDPA's (B, nh, T, T) fp32 scores when it cannot use a fused path, and the MLP's gate, up
     and their product. Layers run one after another, so only one layer's working set is live.
+
+    ``sliced_head``: the probes' scoring (`probes.token_scores`) runs the head over vocabulary slices of at most
+    ``LOGIT_BUDGET`` fp32 logits instead: three such slices live at once (the slice, its softcap / log-sum-exp
+    temporaries) and the head's weight slice cast to fp32.
     """
     b = dtype_bytes(dtype)
     tokens = batch * seq_len
     H, V, I = config.hidden_size, config.vocab_size, config.intermediate_size
     nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
     softcap = getattr(config, "final_logit_softcapping", None)
-    logits = tokens * V * b * (2 if softcap else 1)
+    if sliced_head:
+        from .probes.token_scores import LOGIT_BUDGET, MIN_VOCAB_SLICE
+
+        span = min(V, max(MIN_VOCAB_SLICE, LOGIT_BUDGET // max(1, tokens)))
+        logits = 3 * tokens * span * 4 + span * H * 4
+    else:
+        logits = tokens * V * b * (2 if softcap else 1)
     residual = 4 * tokens * H * b
     attention = 2 * tokens * (nh + 2 * nkv) * hd * b + 2 * batch * nh * seq_len * seq_len * 4
     mlp = 3 * tokens * I * b
@@ -171,13 +198,18 @@ def _component_total(components):
     return sum(components.values())
 
 
-def plan_stage(teachers, stage="forward", batch=8, seq_len=256, runtime_bytes=None) -> dict:
+def plan_stage(teachers, stage="forward", batch=8, seq_len=256, runtime_bytes=None, activation_dtype=None,
+               sliced_head=False) -> dict:
     """Peak-RAM plan of a stage that loads each teacher in turn and runs one no-grad forward of batch x seq_len.
 
     ``teachers``: a list of ``(name, config_or_folder, dtype, tokenizer_folder_or_None)``. ``runtime_bytes``: the
     process before any teacher loads (default: this process's RSS now, i.e. Python + torch + transformers).
-    Returns ``{"stage", "components", "total_bytes", "per_teacher", "peak_teacher", "assumptions"}``; components
-    are those of the teacher that sets the peak.
+    ``activation_dtype``: the forward's dtype when it differs from the weights' (fp32 matmuls over bf16 weights);
+    ``sliced_head``: score through the probes' vocabulary-sliced head where the family allows it (see
+    `forward_activation_bytes`).
+    A folder's weights are counted from its safetensors headers, a config (or a folder without weights)
+    analytically. Returns ``{"stage", "components", "total_bytes", "per_teacher", "peak_teacher", "assumptions"}``;
+    components are those of the teacher that sets the peak.
     """
     from .peak_rss import current_rss
 
@@ -189,8 +221,13 @@ def plan_stage(teachers, stage="forward", batch=8, seq_len=256, runtime_bytes=No
     for name, source, dtype, tok_folder in teachers:
         config = load_config(source)
         tok = tokenizer_bytes(tok_folder) if tok_folder is not None else {"resident": 0, "load_peak": 0}
-        weights = teacher_weight_bytes(config, dtype)
-        acts = forward_activation_bytes(config, batch, seq_len, dtype)
+        stored = safetensors_numel(source) if isinstance(source, (str, Path)) else None
+        params = stored if stored is not None else hf_parameter_count(config)["total"]
+        weights = params * dtype_bytes(dtype)
+        from .probes.token_scores import SLICED_HEAD_TYPES
+
+        sliced = sliced_head and getattr(config, "model_type", None) in SLICED_HEAD_TYPES
+        acts = forward_activation_bytes(config, batch, seq_len, activation_dtype or dtype, sliced_head=sliced)
         forward_phase = {"runtime": runtime_bytes, "teacher_weights": weights, "tokenizer": tok["resident"],
                          "activations": acts["total"]}
         load_phase = {"runtime": runtime_bytes, "tokenizer_load_peak": tok["load_peak"]}
@@ -198,12 +235,14 @@ def plan_stage(teachers, stage="forward", batch=8, seq_len=256, runtime_bytes=No
         peak_phase = max(phases, key=phases.get)
         per_teacher[name] = {"components": forward_phase if peak_phase == "forward" else load_phase,
                              "phases": phases, "peak_phase": peak_phase, "total_bytes": phases[peak_phase],
-                             "activations": acts, "params": hf_parameter_count(config)["total"],
-                             "dtype": str(dtype)}
+                             "activations": acts, "params": params,
+                             "params_from": "safetensors headers" if stored is not None else "config",
+                             "dtype": str(dtype), "activation_dtype": str(activation_dtype or dtype)}
     peak = max(per_teacher, key=lambda n: per_teacher[n]["total_bytes"])
     return {"stage": stage, "kind": "ram", "components": dict(per_teacher[peak]["components"]),
             "total_bytes": per_teacher[peak]["total_bytes"], "per_teacher": per_teacher, "peak_teacher": peak,
             "assumptions": {"batch": batch, "seq_len": seq_len, "one_teacher_resident": True,
+                            "sliced_head": sliced_head,
                             "tokenizer_resident_per_file_byte": TOKENIZER_RESIDENT_PER_FILE_BYTE,
                             "tokenizer_load_peak_per_file_byte": TOKENIZER_LOAD_PEAK_PER_FILE_BYTE}}
 

@@ -14,6 +14,7 @@ Sample::
       - {name: quiz, probe: multiple_choice, data: quiz.jsonl, options: {}}
     student:
       budget: {memory_gb: 16}        # or {params: 50_000_000}
+    memory: {ram_gb: 24}             # peak RAM every stage is planned against (default: the machine's total RAM)
     stages:
       profile: {n_bootstrap: 1000, max_items: 200, seed: 0}
 
@@ -129,6 +130,12 @@ class StudentSpec(_Strict):
                            description="the size the student must fit (used by compress and distill)")
 
 
+class MemorySpec(_Strict):
+    ram_gb: float | None = Field(
+        None, gt=0, description="peak RAM (GiB) a stage may plan for: a stage planned over it is refused before it "
+                                "starts, naming the numbers (default: the machine's total RAM)")
+
+
 class Recipe(_Strict):
     name: Name = Field(description="the run's name: artefacts go to <run_dir>/<name>/")
     run_dir: Path = Field(Path("runs"), description="where runs live; relative to the recipe's folder")
@@ -137,6 +144,7 @@ class Recipe(_Strict):
     teachers: list[TeacherSpec] = Field(min_length=1, description="the models to fold into the student")
     capabilities: list[CapabilitySpec] = Field(min_length=1, description="what the student must keep")
     student: StudentSpec = Field(default_factory=StudentSpec, description="the student's budget")
+    memory: MemorySpec = Field(default_factory=MemorySpec, description="the RAM budget every stage is planned against")
     stages: dict[str, Any] = Field(default_factory=dict, description="per-stage options, keyed by stage name")
 
     @property

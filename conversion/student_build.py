@@ -31,6 +31,15 @@ limits, left to distillation: the embedding is tied and unscaled, so a Gemma tow
 ``sqrt(hidden)`` embedding scale; the shared final norm starts at the mean of the teachers' effective final-norm
 weights (``w`` for RMSNorm, ``1 + w`` for Gemma's).
 
+**Baselines on the same interface** (issue 7, ``bench/compare_methods.py``): ``init: random`` keeps the built
+student's exact shapes (towers as compressed, edge projections, router) but none of the teachers' weights: the
+model's own random init ("traditional distillation" into a student of the same size and shape); ``layout: dense``
+builds one randomly initialised tower for every capability instead (no router, no pruning: the FuseLLM-style
+dense student), with the family, depth and attention widths of the first capability's best teacher (fewer layers
+only when the budget cannot hold their attention) and the largest uniform FFN width that keeps the whole student
+within the same budget. A pruning baseline is only another ``scorer`` (``magnitude``, ``minitron`` with
+``allocation: uniform``, ``weight_pca``).
+
 Writes ``out`` atomically: the student (``NexusForCausalLM.save_pretrained``, safetensors), its tokenizer and
 ``student_build.json`` (towers, teachers, compress records, budget, parameter counts, embedding-init counts).
 
@@ -38,6 +47,7 @@ Sample recipe section::
 
     stages:
       student_build: {tokenizer: train_bpe, bpe_vocab_size: 1024, budget_fraction: 0.3333, allocation: dynamic}
+      # baselines: {init: random, embedding_init: random}  or  {layout: dense, init: random, embedding_init: random}
 """
 
 import gc
@@ -49,7 +59,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..modeling_nexus import NexusConfig, NexusForCausalLM
 from .atomic_output import atomic_dir, atomic_file
@@ -81,9 +91,26 @@ class StudentBuildOptions(BaseModel):
     window_tokens: int = Field(128, ge=8, description="compress calibration window (capped at the teacher's context)")
     embedding_init: Literal["teachers", "random"] = Field(
         "teachers", description="shared embedding rows: from the owning tower's teacher by token string, or random")
+    init: Literal["teachers", "random"] = Field(
+        "teachers", description="weights: from the teachers (compressed towers, edge projections, final norm), or "
+                                "random: the same shapes re-initialised with the model's own init (the 'traditional "
+                                "distillation' baseline; embedding_init must then be random too)")
+    layout: Literal["towers", "dense"] = Field(
+        "towers", description="towers: one tower per capability from its best teacher; dense: ONE tower serving "
+                              "every capability (no router), the family, depth and heads of the first capability's "
+                              "best teacher, FFN width as large as the budget allows (needs init: random)")
     chunk_chars: int = Field(400, ge=16, description="training text is cut into chunks of about this many characters")
     arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic: generated training items")
     seed: int = Field(0, description="seed of the random parts (rows no teacher provides)")
+
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.layout == "dense" and self.init != "random":
+            raise ValueError("layout dense builds a tower no teacher has: set init: random")
+        if self.init == "random" and self.embedding_init != "random":
+            raise ValueError("init random re-initialises every weight: set embedding_init: random as well")
+        return self
 
 
 register_stage_options(STAGE, StudentBuildOptions)
@@ -268,21 +295,29 @@ def _init_embedding(student, student_tok, towers, texts, order, options):
     return dict(counts)
 
 
+def student_config(specs, student_tok, hidden_size, max_positions, order):
+    """The student's NexusConfig: tied unscaled shared embedding, RMS final norm, pooled-linear router."""
+    return NexusConfig(
+        vocab_size=len(student_tok), hidden_size=hidden_size, towers=specs, router={"type": "pooled_linear"},
+        embedding_scale=None, final_norm="rms", final_norm_eps=1e-6, final_logit_softcapping=None,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        pad_token_id=student_tok.pad_token_id, bos_token_id=student_tok.bos_token_id,
+        eos_token_id=student_tok.eos_token_id, capability_names=list(order))
+
+
 def assemble_student(towers, student_tok, hidden_size, order, texts, options):
-    """The multi-tower NexusForCausalLM from compressed towers (tower t = capability order[t])."""
+    """The multi-tower NexusForCausalLM from compressed towers (tower t = capability order[t]); with ``init: random``
+    the same shapes keep the model's own random init (nothing is copied from the teachers)."""
     specs = []
     for cap in order:
         spec = {k: v for k, v in towers[cap]["tower_spec"].items()}
         spec.update(name=cap, capabilities=[cap])
         specs.append(spec)
-    config = NexusConfig(
-        vocab_size=len(student_tok), hidden_size=hidden_size, towers=specs, router={"type": "pooled_linear"},
-        embedding_scale=None, final_norm="rms", final_norm_eps=1e-6, final_logit_softcapping=None,
-        max_position_embeddings=max(t["max_positions"] for t in towers.values()), tie_word_embeddings=True,
-        pad_token_id=student_tok.pad_token_id, bos_token_id=student_tok.bos_token_id,
-        eos_token_id=student_tok.eos_token_id, capability_names=list(order))
+    config = student_config(specs, student_tok, hidden_size, max(t["max_positions"] for t in towers.values()), order)
     torch.manual_seed(options.seed)
     student = NexusForCausalLM(config).eval()
+    if options.init == "random":
+        return student, {"random (init: random)": config.vocab_size}
     with torch.no_grad():
         for t, cap in enumerate(order):
             tower = student.model.towers[t]
@@ -304,30 +339,59 @@ def assemble_student(towers, student_tok, hidden_size, order, texts, options):
     return student, rows
 
 
+def dense_student(family_folder, student_tok, hidden_size, total_budget, order, options):
+    """``layout: dense``: one randomly initialised tower serving every capability, with the family (norms,
+    activation, q/k-norm, RoPE), depth and attention widths of the teacher at ``family_folder`` (fewer layers only
+    when the budget cannot hold all of their attention) and the largest uniform FFN width whose whole student fits
+    ``total_budget``; returns ``(student, intermediate_size)``."""
+    from transformers import AutoConfig
+
+    from .teacher_families import nexus_config_kwargs
+
+    family = nexus_config_kwargs(AutoConfig.from_pretrained(family_folder), name="dense", capabilities=list(order))
+    tower, max_positions = family["towers"][0], family["max_position_embeddings"]
+    depth = len(tower["layers"])
+
+    def config(ffn):
+        spec = {**tower, "layers": [{**layer, "intermediate_size": ffn} for layer in tower["layers"][:depth]]}
+        return student_config([spec], student_tok, hidden_size, max_positions, order)
+
+    def fits(ffn):
+        return config_parameter_count(config(ffn))["total"] <= total_budget
+
+    while depth > 1 and not fits(0):  # a budget that cannot hold every attention layer keeps the first ones
+        depth -= 1
+    if not fits(0):
+        raise StudentBuildError(f"layout dense: one attention layer of {family_folder} at hidden size {hidden_size} "
+                                f"alone exceeds the budget of {total_budget:,} params")
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # the largest FFN width that fits: fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    torch.manual_seed(options.seed)
+    return NexusForCausalLM(config(lo)).eval(), lo
+
+
 def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, show_progress=True,
                   overwrite=True, inputs_digest=None) -> tuple[Path, dict]:
     """Build the student into ``out`` (atomically); returns (path, record). ``texts``: {cap: TrainingText}
     (default: `training_text` of every capability)."""
     from .teacher_source import resolve_teacher_folder
-    from .training_text import training_text
 
     start = time.perf_counter()
     options = recipe.stage(STAGE)
     out = Path(out)
     chosen = tower_teachers(recipe, profile)
     order = list(chosen)
-    distill_opts = recipe.stages.get("distill")
-    train_data = getattr(distill_opts, "train_data", {}) or {}
     if texts is None:
-        texts = {c.name: training_text(c.name, c.data, train_data.get(c.name), options.chunk_chars,
-                                       items=options.arithmetic_items) for c in recipe.capabilities}
+        texts = student_training_texts(recipe)
     folders = {t.name: resolve_teacher_folder(t.source, t.allow_pickle, recipe.cache_dir) for t in recipe.teachers}
     counts = {name: teacher_counts(folders[name]) for name in dict.fromkeys(chosen.values())}
     student_tok = shared_tokenizer(options, texts, recipe, folders)
     hidden = options.hidden_size or max(counts[t]["hidden_size"] for t in chosen.values())
     n = len(order)
-    fixed = len(student_tok) * hidden + hidden + (hidden * n + n if n > 1 else 0)
-    fixed += sum(2 * hidden * counts[t]["hidden_size"] for t in chosen.values() if counts[t]["hidden_size"] != hidden)
     teachers_total = sum(c["total"] for c in counts.values())
     if options.budget_fraction is not None:
         total_budget = int(options.budget_fraction * teachers_total)
@@ -336,27 +400,49 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         b = recipe.student.budget
         resolved = resolve_budget(b.params, None, b.memory_gb, "total")
         total_budget, budget_source = resolved.params, "student.budget: " + resolved.source
-    f, tower_budgets = split_budget(total_budget, fixed, {cap: counts[chosen[cap]]["layers"] for cap in order})
-    towers = {}
-    for cap in order:  # one teacher resident at a time: each is loaded, compressed and freed here
-        teacher = recipe.teacher(chosen[cap])
+    if options.layout == "dense":
+        family = chosen[order[0]]
+        student, ffn = dense_student(folders[family], student_tok, hidden, total_budget, order, options)
+        rows = {"random (init: random)": len(student_tok)}
+        fixed, f = len(student_tok) * hidden + hidden, None
+        spec = student.config.towers[0]
+        tower_records = [{"index": 0, "capability": "+".join(order), "capabilities": list(order), "teacher": None,
+                          "family_from": family, "hidden_size": spec["hidden_size"], "layers": len(spec["layers"]),
+                          "intermediate_size": ffn,
+                          "params": sum(p.numel() for p in student.model.towers[0].parameters()),
+                          "compress": {"note": "layout dense: nothing compressed, random init"}}]
         if console is not None:
-            console.print(f"  tower {cap}: teacher {teacher.name}, {counts[teacher.name]['layers']:,} layer params "
-                          f"-> {tower_budgets[cap]:,} (keep {f:.3f})")
-        towers[cap] = _compress_tower(cap, teacher.name, folders[teacher.name], DTYPES[teacher.dtype], texts[cap],
-                                      tower_budgets[cap], options, console, show_progress)
-    student, rows = assemble_student(towers, student_tok, hidden, order, texts, options)
+            console.print(f"  dense tower for {', '.join(order)}: {family}'s family, {len(spec['layers'])} layers, "
+                          f"FFN {ffn} (random init)")
+    else:
+        fixed = len(student_tok) * hidden + hidden + (hidden * n + n if n > 1 else 0)
+        fixed += sum(2 * hidden * counts[t]["hidden_size"] for t in chosen.values()
+                     if counts[t]["hidden_size"] != hidden)
+        f, tower_budgets = split_budget(total_budget, fixed, {cap: counts[chosen[cap]]["layers"] for cap in order})
+        towers = {}
+        for cap in order:  # one teacher resident at a time: each is loaded, compressed and freed here
+            teacher = recipe.teacher(chosen[cap])
+            if console is not None:
+                console.print(f"  tower {cap}: teacher {teacher.name}, {counts[teacher.name]['layers']:,} layer "
+                              f"params -> {tower_budgets[cap]:,} (keep {f:.3f})")
+            towers[cap] = _compress_tower(cap, teacher.name, folders[teacher.name], DTYPES[teacher.dtype],
+                                          texts[cap], tower_budgets[cap], options, console, show_progress)
+        student, rows = assemble_student(towers, student_tok, hidden, order, texts, options)
+        tower_records = [{"index": t, "capability": cap, "teacher": chosen[cap],
+                          "hidden_size": towers[cap]["tower_spec"]["hidden_size"],
+                          "layers": len(towers[cap]["tower_spec"]["layers"]),
+                          "params": sum(p.numel() for p in student.model.towers[t].parameters()),
+                          "layer_budget": tower_budgets[cap], "teacher_layer_params": counts[chosen[cap]]["layers"],
+                          "compress": towers[cap]["record"]} for t, cap in enumerate(order)]
     params = sum(p.numel() for p in student.parameters())
     if params > total_budget:
         raise StudentBuildError(f"the built student has {params:,} params, over the budget of {total_budget:,} "
                                 f"({budget_source})")
     record = {
         "schema": SCHEMA,
-        "towers": [{"index": t, "capability": cap, "teacher": chosen[cap], "hidden_size": towers[cap]["tower_spec"]
-                    ["hidden_size"], "layers": len(towers[cap]["tower_spec"]["layers"]),
-                    "params": sum(p.numel() for p in student.model.towers[t].parameters()),
-                    "layer_budget": tower_budgets[cap], "teacher_layer_params": counts[chosen[cap]]["layers"],
-                    "compress": towers[cap]["record"]} for t, cap in enumerate(order)],
+        "towers": tower_records,
+        "layout": options.layout,
+        "init": options.init,
         "hidden_size": hidden,
         "tokenizer": {"kind": options.tokenizer, "vocab_size": len(student_tok)},
         "budget": {"params": total_budget, "source": budget_source, "keep_fraction": f, "fixed_params": fixed},
@@ -379,21 +465,40 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
     return out, record
 
 
-def build_inputs_digest(recipe, profile):
+def student_training_texts(recipe: Recipe) -> dict:
+    """{capability: TrainingText} the build trains its tokenizer on and calibrates each tower with (recipe order)."""
+    from .training_text import training_text
+
+    options = recipe.stage(STAGE)
+    train_data = getattr(recipe.stages.get("distill"), "train_data", {}) or {}
+    return {c.name: training_text(c.name, c.data, train_data.get(c.name), options.chunk_chars,
+                                  items=options.arithmetic_items) for c in recipe.capabilities}
+
+
+def build_inputs_digest(recipe, profile, texts):
+    """The build's cache key: its options and budget, the capabilities in order with the text it trains on, the
+    profile's best teachers, and the profile's own inputs (a changed profile field invalidates every later stage;
+    they also fingerprint the teachers' files)."""
+    from .profile import profile_inputs
+    from .training_text import training_texts_digest
+
     blob = json.dumps({"best": profile.get("best"), "options": recipe.stage(STAGE).model_dump(mode="json"),
-                       "teachers": [t.model_dump(mode="json") for t in recipe.teachers],
+                       "capabilities": [c.name for c in recipe.capabilities],
+                       "training_text": training_texts_digest(texts),
+                       "profile_inputs": profile_inputs(recipe),
                        "budget": recipe.student.budget.model_dump(mode="json")}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show_progress=True, force=False):
     """The student_build stage: build into ``out`` (default ``runs/<name>/student_build``) unless a build with the same
-    inputs (profile's best teachers, options, teachers, budget) is there; returns (path, record)."""
+    inputs (`build_inputs_digest`) is there; returns (path, record)."""
     from .profile import load_profile
 
     profile = profile if profile is not None else load_profile(recipe.run_path)
     out = Path(out) if out is not None else recipe.run_path / STAGE
-    digest = build_inputs_digest(recipe, profile)
+    texts = student_training_texts(recipe)
+    digest = build_inputs_digest(recipe, profile, texts)
     record_path = out / "student_build.json"
     if not force and record_path.is_file():
         try:
@@ -402,6 +507,6 @@ def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show
             record = {}
         if record.get("inputs_digest") == digest:
             return out, {**record, "reused": True}
-    path, record = build_student(recipe, profile, out, console=console, show_progress=show_progress,
+    path, record = build_student(recipe, profile, out, texts=texts, console=console, show_progress=show_progress,
                                  inputs_digest=digest)
     return path, {**record, "reused": False}

@@ -12,6 +12,7 @@ A chunk is one training window's text. Text is cut at line ends into chunks of a
 single longer line is cut where it is), so a chunk's tokens fit a teacher's context.
 """
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,3 +119,15 @@ def training_text(capability, data, train_data=None, chunk_chars=400, max_chunks
         if result.prompts is not None:
             result.prompts = result.prompts[:max_chunks]
     return result
+
+
+def training_texts_digest(texts) -> str:
+    """sha256 of ``{capability: TrainingText}`` in order: every chunk and prompt a stage trains on.
+
+    Stages key their caches by the content, not the path: a training file edited in place invalidates them, a file
+    moved with the same content does not.
+    """
+    digest = hashlib.sha256()
+    for cap, t in texts.items():
+        digest.update(json.dumps([cap, t.kind, t.chunks, t.prompts]).encode())
+    return digest.hexdigest()

@@ -22,7 +22,9 @@ the ones the teachers were profiled on):
 
 Writes ``runs/<name>/validate/`` (or ``out``) atomically: ``report.json``, ``report.md``, ``retention.png`` (plus
 feature-map heatmaps, ``lmc.png``, ``interference.png`` when there is data for them), ``model_card.md``,
-``recipe.resolved.yaml`` and ``manifest.json`` (a rerun with the same inputs is reused). ``report.json``::
+``recipe.resolved.yaml``, ``items.json`` (the student's per-item scores, ``{"student": {CAP: [item, ...]}}``, in
+the profile's item order: paired comparisons of two students on the same items) and ``manifest.json`` (a rerun with
+the same inputs is reused). ``report.json``::
 
     {"retention": {CAP: {"value", "ci": [lo, hi], "teacher", "metric", "lower_is_better", "student_score",
                          "teacher_score", "n", "competent", ...}},
@@ -56,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .atomic_output import atomic_dir, atomic_file
 from .cka import cka_matrix, depth_matched
 from .json_finite import json_finite
+from .memory_plan import safetensors_numel
 from .probes.base import inference_context
 from .profile import (
     DTYPES,
@@ -209,21 +212,6 @@ def load_scored_model(folder, dtype):
         model = NexusForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         return model, load_tokenizer(folder)
     return load_teacher(folder, dtype)
-
-
-def _params_on_disk(folder):
-    """Parameter count from the safetensors headers (no weights read); None without safetensors."""
-    from safetensors import safe_open
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for f in files:
-        with safe_open(f, "pt") as fh:
-            for key in fh.keys():
-                total += math.prod(fh.get_slice(key).get_shape())
-    return total
 
 
 # ---------------------------------------------------------------- tokenisation and CKA text
@@ -460,7 +448,7 @@ def score_all(recipe, plan, console=None, show_progress=True, on_model_loaded=No
                 missing = [c for c in tcaps if c not in reused]
                 cka_caps = _cka_caps(plan, teacher.name)
                 folder = resolve_teacher_folder(teacher.source, teacher.allow_pickle, recipe.cache_dir)
-                info = {"source": str(teacher.source), "params": _params_on_disk(folder)}
+                info = {"source": str(teacher.source), "params": safetensors_numel(folder)}
                 scored, states = {}, {}
                 if missing or cka_caps:
                     gc.collect()
@@ -723,11 +711,13 @@ def _write_json(path, obj):
         tmp.write_text(json.dumps(json_finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _write_into(folder, recipe, report, plan, inputs):
+def _write_into(folder, recipe, report, plan, inputs, student_items=None):
     from .report_render import render_model_card, render_report
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "report.json", report)
+    if student_items is not None:
+        _write_json(folder / "items.json", {"student": student_items})
     render_report(report, folder, feature_map=plan["feature_map"])
     with atomic_file(folder / "model_card.md") as tmp:
         tmp.write_text(render_model_card(report), encoding="utf-8")
@@ -762,7 +752,8 @@ def run_validate(recipe: Recipe, student_path, checkpoints=(), feature_map=None,
         created = [p for p in [target, *target.parents] if not p.exists()]
         try:
             with atomic_dir(target, overwrite=True) as tmp:
-                _write_into(tmp, recipe, report, plan, inputs)
+                _write_into(tmp, recipe, report, plan, inputs,
+                            {cap: items for cap, (_, items) in scored["student"]["scores"].items()})
         except BaseException:
             for folder in created[1:]:  # parents this call created and left empty
                 if folder.is_dir() and not any(folder.iterdir()):

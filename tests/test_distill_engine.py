@@ -369,3 +369,20 @@ def test_bf16_autocast_switch_runs_close_to_fp32(tmp_path):
     assert fp32["autocast"] == "off" and bf16["autocast"] == "bf16"
     assert [x for _, x in bf16["losses"]] == pytest.approx([x for _, x in fp32["losses"]], abs=0.05)
     assert [x for _, x in bf16["losses"]] != [x for _, x in fp32["losses"]]  # bf16 really ran
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
+    """Checkpointing recomputes activations in the backward pass; the gradients, and so the weights, are the same,
+    and the model is left without checkpointing afterwards."""
+    base = dict(steps=3, micro_batches_per_step=2, lr=1e-2, warmup_steps=1, checkpoint_every=3)
+    plain, ckpt = tiny_student(0), tiny_student(0)
+    run(plain, EngineOptions(**base), tmp_path / "plain")
+    calls = []
+    for layer in ckpt.model.towers[0].layers:  # count calls of each MLP's forward (hooks do not rerun on recompute)
+        layer.mlp.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(layer.mlp.forward)
+    run(ckpt, EngineOptions(**base, gradient_checkpointing=True), tmp_path / "ckpt")
+    layers = len(ckpt.model.towers[0].layers)
+    assert len(calls) == 2 * 3 * 2 * layers  # every MLP ran twice per micro-batch: forward + recomputation
+    assert not ckpt.model.gradient_checkpointing
+    wa, wb = weights(plain), weights(ckpt)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

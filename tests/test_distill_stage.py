@@ -23,7 +23,11 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def two_teachers(tmp_path_factory):
     """``llama_char`` (Llama + 97-entry char tokenizer) and ``qwen_bpe`` (Qwen3 + byte-level BPE): two vocabularies."""
-    root = tmp_path_factory.mktemp("distill-teachers")
+    return save_two_teachers(tmp_path_factory.mktemp("distill-teachers"))
+
+
+def save_two_teachers(root):
+    """The `two_teachers` fixture's teachers saved under ``root`` (also used by bench/kill_resume.py)."""
     bpe = small_bpe_tokenizer()
     torch.manual_seed(3)
     qwen = Qwen3ForCausalLM(Qwen3Config(**{**_COMMON, "vocab_size": len(bpe)}, head_dim=16,

@@ -1,5 +1,8 @@
 """Kill and resume (issue 8): `nexus consolidate` killed with SIGKILL at 5 points, then rerun with the same command,
-ends with final weights bit-identical to an uninterrupted run, and leaves no half-written stage folder behind."""
+ends with final weights bit-identical to an uninterrupted run, and leaves no half-written stage folder behind.
+
+The harness functions here (`kill_after`, `rerun`, `final_weights`, `leftovers`, ...) are also used by
+bench/kill_resume.py (10 kill points)."""
 
 import json
 import os
@@ -25,16 +28,43 @@ def command(recipe):
 
 
 def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "200"}
 
 
-def final_weights(root):
-    return load_file(str(root / "runs" / "tiny" / "distill" / "student" / "model.safetensors"))
+def final_weights(root, name="tiny"):
+    return load_file(str(root / "runs" / name / "distill" / "student" / "model.safetensors"))
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def leftovers(root):
     """Temporary folders/files that an atomic write left behind (``.tmp-`` prefixed names)."""
-    return [p for p in (root / "runs").rglob("*") if ".tmp-" in p.name]
+    return [p for p in (root / "runs").rglob("*") if ".tmp-" in p.name] if (root / "runs").is_dir() else []
+
+
+def kill_after(recipe, seconds, log=None):
+    """Start `nexus consolidate RECIPE` and SIGKILL it after ``seconds`` unless it finished first; returns whether it
+    was killed. ``log``: a file that receives its output (unbuffered, so it shows where the run was)."""
+    with open(log if log is not None else os.devnull, "w") as out:
+        proc = subprocess.Popen(command(recipe), env=environment(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        killed = proc.poll() is None
+        if killed:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return killed
+
+
+def rerun(recipe):
+    """`nexus consolidate RECIPE` to the end: (the CompletedProcess, its wall seconds)."""
+    started = time.monotonic()
+    done = subprocess.run(command(recipe), env=environment(), capture_output=True, text=True, check=False)
+    return done, time.monotonic() - started
 
 
 @pytest.mark.parametrize("fraction", KILL_FRACTIONS)
@@ -43,24 +73,15 @@ def test_sigkill_then_rerun_gives_bit_identical_weights(two_teachers, tmp_path_f
     reference, seconds = uninterrupted
     root = tmp_path_factory.mktemp(f"killed-{fraction}")
     recipe = recipe_file(two_teachers, root)
-    proc = subprocess.Popen(command(recipe), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + fraction * seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    killed = proc.poll() is None
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = kill_after(recipe, fraction * seconds)
     run_dir = root / "runs" / "tiny"
     done = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
         if run_dir.is_dir() else []
     print(f"kill at {fraction:.0%} of {seconds:.0f} s: killed={killed}; stage folders in place: {done}; "
           f"temporaries left: {len(leftovers(root))}")
-    rerun = subprocess.run(command(recipe), env=environment(), capture_output=True, text=True, check=False)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    weights = final_weights(root)
-    assert weights.keys() == reference.keys()
-    assert all(torch.equal(weights[k], reference[k]) for k in reference), f"weights differ (killed={killed})"
+    again, _ = rerun(recipe)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert same_weights(final_weights(root), reference), f"weights differ (killed={killed})"
     assert not leftovers(root), leftovers(root)
     report = json.loads((root / "runs" / "tiny" / "validate" / "report.json").read_text())
     assert set(report["retention"]) == {"prose", "code"}
@@ -69,8 +90,6 @@ def test_sigkill_then_rerun_gives_bit_identical_weights(two_teachers, tmp_path_f
 @pytest.fixture(scope="module")
 def uninterrupted(two_teachers, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("uninterrupted")
-    recipe = recipe_file(two_teachers, root)
-    started = time.monotonic()
-    run = subprocess.run(command(recipe), env=environment(), capture_output=True, text=True, check=False)
+    run, seconds = rerun(recipe_file(two_teachers, root))
     assert run.returncode == 0, run.stderr[-2000:]
-    return final_weights(root), time.monotonic() - started
+    return final_weights(root), seconds

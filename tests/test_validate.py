@@ -213,7 +213,7 @@ def test_every_artefact_is_written(validated):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["report.json", "report.md", "retention.png", "feature_map.png", "heatmap-llama_char.png",
                             "lmc.png", "interference.png", "model_card.md", "manifest.json",
-                            "recipe.resolved.yaml"])
+                            "recipe.resolved.yaml", "items.json"])
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()

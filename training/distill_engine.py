@@ -317,6 +317,11 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
     options_json = options.model_dump(mode="json")
     fingerprint = preservation.fingerprint()
     model.to(device)
+    checkpointing = options.gradient_checkpointing and not getattr(model, "is_activation_checkpointing", False)
+    if checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing is on but {type(model).__name__} does not support it")
+    if checkpointing:  # switched off again at the end; a model that came in checkpointed stays so
+        model.activation_checkpointing_enable({"use_reentrant": False})
     loss_state = isinstance(loss_module, torch.nn.Module) and bool(loss_module.state_dict())
     loss_params = []
     if isinstance(loss_module, torch.nn.Module):
@@ -508,6 +513,8 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
     finally:
         log.close()
         preservation.detach()
+        if checkpointing:
+            model.activation_checkpointing_disable()
     wall = time.perf_counter() - start
     wrapped.eval()
     finite = [x for _, x in state["losses"] if x is not None]

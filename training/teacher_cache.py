@@ -320,10 +320,22 @@ def _teacher_outputs(model, windows, settings, batch_size):
     reaches a loss.
     """
     from nexus.conversion.probes.compute_mode import compute_context
+    from nexus.conversion.probes.token_scores import FULL_LOGIT_BUDGET, _sliced_head_layout
 
     value_dtype, hidden_dtype = _DTYPES[settings.value_dtype], _DTYPES[settings.hidden_dtype]
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
+    if settings.k > vocab:
+        raise ValueError(f"k={settings.k} is larger than the teacher's vocabulary ({vocab})")
+    # A 262k-token head over a batch of 8 x 256 positions is 2 GB of fp32 logits, four times Gemma-3-270M's bf16
+    # weights: where the head is exactly lm_head(final state) (+ softcap), only FULL_LOGIT_BUDGET logits exist at once.
+    layout = _sliced_head_layout(model)
+    if layout is not None:
+        head, cap = layout[1], layout[2]
+
+        def logits_of(h):
+            logits = head(h)
+            return torch.tanh(logits / cap) * cap if cap else logits
     out = []
     for b in range(0, len(windows), batch_size):
         chunk = windows[b:b + batch_size]
@@ -337,25 +349,35 @@ def _teacher_outputs(model, windows, settings, batch_size):
         for r, w in enumerate(chunk):
             ids[r, :w.numel()], mask[r, :w.numel()] = w, 1
         with compute_context(model, "auto"):  # bf16 weights: fp32 matmuls where the CPU has no native bf16
-            res = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                        output_hidden_states=bool(settings.layers), use_cache=False)
-        logits = res.logits  # (B, T, V), the teacher's dtype
-        if settings.k > logits.shape[-1]:
-            raise ValueError(f"k={settings.k} is larger than the teacher's vocabulary ({logits.shape[-1]})")
-        hidden = {}
-        for L in settings.layers:
-            if not -len(res.hidden_states) <= L < len(res.hidden_states):
-                raise ValueError(f"layers: {L} is out of range; the teacher has {len(res.hidden_states)} hidden "
-                                 "states (0 = embeddings ... last = final normed state)")
-            hidden[L] = res.hidden_states[L]
-        for r, w in enumerate(chunk):  # one row at a time in float32: a large vocabulary stays affordable
-            n = w.numel()
-            row = logits[r, :n].float()  # (n, V)
-            values, indices = row.topk(settings.k, dim=-1)  # (n, k), sorted
-            out.append((values.to(value_dtype).cpu(), indices.to(torch.int32).cpu(),
-                        torch.logsumexp(row, dim=-1).cpu(),
-                        {L: h[r, :n].to(hidden_dtype).cpu() for L, h in hidden.items()}))
-        del res, logits
+            if layout is not None:  # the body once, the head a few positions at a time (below)
+                res = layout[0](input_ids=ids.to(device), attention_mask=mask.to(device),
+                                output_hidden_states=bool(settings.layers), use_cache=False)
+                states = res.last_hidden_state  # (B, T, H)
+            else:
+                res = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            output_hidden_states=bool(settings.layers), use_cache=False)
+                states = res.logits  # (B, T, V), the teacher's dtype
+            hidden = {}
+            for L in settings.layers:
+                if not -len(res.hidden_states) <= L < len(res.hidden_states):
+                    raise ValueError(f"layers: {L} is out of range; the teacher has {len(res.hidden_states)} hidden "
+                                     "states (0 = embeddings ... last = final normed state)")
+                hidden[L] = res.hidden_states[L]
+            span = max(1, FULL_LOGIT_BUDGET // vocab)  # positions whose full-vocabulary fp32 logits exist at once
+            for r, w in enumerate(chunk):
+                n = w.numel()
+                parts = [[], [], []]
+                for start in range(0, n, span):
+                    piece = states[r, start:min(start + span, n)]
+                    row = (logits_of(piece) if layout is not None else piece).float()  # (<=span, V)
+                    values, indices = row.topk(settings.k, dim=-1)  # sorted
+                    parts[0].append(values.to(value_dtype).cpu())
+                    parts[1].append(indices.to(torch.int32).cpu())
+                    parts[2].append(torch.logsumexp(row, dim=-1).cpu())
+                    del row
+                out.append((torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]),
+                            {L: h[r, :n].to(hidden_dtype).cpu() for L, h in hidden.items()}))
+        del res, states
     return out
 
 

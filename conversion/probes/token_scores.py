@@ -53,6 +53,8 @@ def _sliced_head_layout(model):
     """(decoder, head, softcap) when the model's head is `lm_head(last_hidden_state)` (+ softcap), else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, "model", None)
+    if getattr(decoder, "get_output_embeddings", lambda: None)() is not None:
+        return None  # a wrapper whose ``.model`` is itself a model with a head: use its own forward
     if getattr(model.config, "model_type", None) in SLICED_HEAD_TYPES and head is not None and decoder is not None:
         return decoder, head, getattr(model.config, "final_logit_softcapping", None)
     return None

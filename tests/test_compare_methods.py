@@ -1,0 +1,117 @@
+"""Smoke test of bench/compare_methods.py + bench/results.py (issue 7) on the tiny "test" scale: two variants run
+end to end (NEXUS and the dense FuseLLM-style baseline), the not-applicable / same-run entries are written with their
+reasons, a rerun skips finished variants, and RESULTS.md is rendered from the JSON alone."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUN = ["nexus", "fusellm_dense_kd"]
+NOT_RUN = {"mergekit_linear_ties": "not_applicable", "no_localisation": "not_a_switch",
+           "no_capability_weighting": "same_run"}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    compare = _load("compare_methods")
+    root = tmp_path_factory.mktemp("compare")
+    argv = ["--scale", "test", "--out", str(root / "compare"), "--runs", str(root / "runs"), "--no-progress"]
+    for name in RUN + list(NOT_RUN):
+        argv += ["--only", name]
+    results = compare.main(argv)
+    return compare, root, argv, results
+
+
+def _record(root, name):
+    return json.loads((root / "compare" / f"{name}.json").read_text())
+
+
+def test_each_variant_writes_one_json_with_retention_budget_and_training(compared):
+    _, root, _, _ = compared
+    assert sorted(p.stem for p in (root / "compare").glob("*.json")) == sorted(RUN + list(NOT_RUN))
+    nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
+    for record in (nexus, dense):
+        assert record["status"] == "done" and record["scale"] == "test"
+        assert set(record["retention"]) == {"prose", "code", "arithmetic"}
+        assert record["params"]["student"] <= record["params"]["budget"]
+        for cap, entry in record["retention"].items():
+            block = record["items"][cap]
+            assert len(block["student"]) == len(block["teacher_rows"]) == entry["n"]
+            if entry["value"] is not None:
+                assert entry["ci"][0] <= entry["value"] <= entry["ci"][1]
+    # the same parameter budget and the same training: steps, micro-batches, student tokens
+    assert nexus["params"]["budget"] == dense["params"]["budget"]
+    for key in ("steps", "tokens", "batch_size", "rows"):
+        assert nexus["train"][key] == dense["train"][key], key
+    assert nexus["student"]["init"] == "teachers" and len(nexus["student"]["towers"]) == 3
+    assert dense["student"]["layout"] == "dense" and len(dense["student"]["towers"]) == 1
+    assert dense["student"]["init"] == "random"
+
+
+def test_not_run_entries_say_why(compared):
+    _, root, _, _ = compared
+    for name, status in NOT_RUN.items():
+        record = _record(root, name)
+        assert record["status"] == status and record["reason"]
+    evidence = _record(root, "mergekit_linear_ties")["evidence"]
+    assert {s["model_type"] for s in evidence["teachers"].values()} == {"llama", "gemma3_text", "qwen3"}
+    assert evidence["groups_sharing_an_architecture"] == []
+    assert _record(root, "no_capability_weighting")["same_as"] == "magnitude_kd"
+
+
+def test_a_rerun_skips_finished_variants(compared):
+    compare, root, argv, _ = compared
+    before = {p.name: p.read_bytes() for p in (root / "compare").glob("*.json")}
+    compare.main(argv)
+    assert {p.name: p.read_bytes() for p in (root / "compare").glob("*.json")} == before
+
+
+def test_results_markdown_is_rendered_from_the_json(compared, tmp_path):
+    _, root, _, _ = compared
+    results = _load("results")
+    other = tmp_path / "out"
+    other.mkdir()
+    md_path = tmp_path / "RESULTS.md"
+    text = results.main(["--compare-dir", str(root / "compare"), "--out-dir", str(other), "--md", str(md_path)])
+    assert md_path.read_text() == text
+    assert "## 1. Quality at equal budget" in text and "## 2. Ablations" in text and "smoke run" in text
+    nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
+    for record in (nexus, dense):
+        assert record["label"] in text
+        assert results.fmt_ci(record["min"]) in text
+    assert "not applicable" in text and "not a switch" in text
+    assert "throughput_compare.json` not found" in text and "inference_speed.json` not found" in text
+    assert (tmp_path / "RESULTS_retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the difference of a student from itself is exactly 0, and the rendered difference is the paired one
+    records = results.load_compare(root / "compare")
+    same = results.paired_delta(records["nexus"], records["nexus"])
+    assert all(d["value"] == 0 and d["ci"] == [0.0, 0.0] for d in same["per_capability"].values())
+    delta = results.paired_delta(records["fusellm_dense_kd"], records["nexus"])
+    assert results.fmt_ci(delta["min"], signed=True) in text
+
+    # the other benches' JSON: every method, ratio and memory row they hold is rendered
+    (other / "throughput_compare.json").write_text(json.dumps(
+        {"tokens_per_s": {"nexus_distill": 1234.0, "trl_gkd": 987.0}, "ratios": {"nexus_over_trl": 1.25},
+         "peak_rss_mib": {"one_teacher": 512.0}, "config": {"steps": 4, "rounds": 3}}))
+    (other / "inference_speed.json").write_text(json.dumps(
+        {"note": "ratio = HF / Nexus time", "threads": 1, "results": {"llama": {
+            "baseline": "LlamaForCausalLM", "dims": {"hidden": 64}, "fp32_max_abs_logit_diff": 0.0, "rows": [
+                {"kind": "forward", "precision": "fp32", "hf_tokens_per_s": 100.0, "nexus_tokens_per_s": 105.0,
+                 "ratio_nexus_over_hf": 1.05}]}}}))
+    text = results.main(["--compare-dir", str(root / "compare"), "--out-dir", str(other), "--md", str(md_path)])
+    for key in ("nexus_distill", "1,234", "trl_gkd", "nexus_over_trl", "1.25", "one_teacher", "512",
+                "LlamaForCausalLM", "hidden 64", "1.05"):
+        assert key in text, key

@@ -310,6 +310,8 @@ def engine_round(model, batches, steps, lr, loss=None):
 
 def throughput(args, batches):
     model = load_student()
+    if args.gradient_checkpointing:  # raw rounds and engine rounds alike (train_student keeps it on)
+        model.activation_checkpointing_enable()
     rounds = []
     for r in range(args.rounds):
         raw = raw_round(model, batches, args.round_steps)

@@ -91,6 +91,11 @@ class StudentBuildOptions(BaseModel):
     window_tokens: int = Field(128, ge=8, description="compress calibration window (capped at the teacher's context)")
     embedding_init: Literal["teachers", "random"] = Field(
         "teachers", description="shared embedding rows: from the owning tower's teacher by token string, or random")
+    tower_budget: Literal["proportional", "weighted_share"] = Field(
+        "proportional", description="how the budget is split between towers: proportional = one keep fraction for "
+                                    "every tower (budgets proportional to the teachers' sizes); weighted_share = "
+                                    "shares proportional to the capabilities' weights, each capped at its teacher's "
+                                    "size (a small specialist stays whole next to a large teacher)")
     init: Literal["teachers", "random"] = Field(
         "teachers", description="weights: from the teachers (compressed towers, edge projections, final norm), or "
                                 "random: the same shapes re-initialised with the model's own init (the 'traditional "
@@ -148,16 +153,35 @@ def tower_teachers(recipe: Recipe, profile: dict) -> dict:
     return out
 
 
-def split_budget(total_budget, fixed, layer_params):
-    """The keep fraction f and per-tower layer budgets so that fixed + sum(f * layers) <= total_budget."""
+def split_budget(total_budget, fixed, layer_params, weights=None):
+    """The overall keep fraction and per-tower layer budgets, with fixed + sum(budgets) <= total_budget.
+
+    ``weights`` None (``tower_budget: proportional``): one keep fraction f for every tower, so each tower's budget
+    is proportional to its teacher's size. ``weights`` {tower: capability weight} (``weighted_share``): each tower
+    gets a share of the budget proportional to its capability's weight, capped at its teacher's size; what a capped
+    tower leaves goes to the others (water-filling), so a small specialist is kept whole next to a large teacher.
+    """
     available = total_budget - fixed
     need = sum(layer_params.values())
     if available <= 0:
         raise StudentBuildError(f"budget: {total_budget:,} params do not even hold the shared parts ({fixed:,}: "
                                 "embedding, router, final norm, edge projections); raise the budget or use a "
                                 "smaller shared vocabulary / hidden size")
-    f = min(1.0, available / need)
-    return f, {k: int(f * v) for k, v in layer_params.items()}
+    if weights is None:
+        f = min(1.0, available / need)
+        return f, {k: int(f * v) for k, v in layer_params.items()}
+    budgets, open_, left = {}, set(layer_params), available
+    while open_:
+        total_weight = sum(weights[k] for k in open_)
+        capped = {k for k in open_ if left * weights[k] / total_weight >= layer_params[k]}
+        if not capped:
+            budgets.update({k: int(left * weights[k] / total_weight) for k in open_})
+            break
+        for k in capped:
+            budgets[k] = layer_params[k]
+            left -= layer_params[k]
+        open_ -= capped
+    return sum(budgets.values()) / need, {k: budgets[k] for k in layer_params}
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -418,13 +442,17 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         fixed = len(student_tok) * hidden + hidden + (hidden * n + n if n > 1 else 0)
         fixed += sum(2 * hidden * counts[t]["hidden_size"] for t in chosen.values()
                      if counts[t]["hidden_size"] != hidden)
-        f, tower_budgets = split_budget(total_budget, fixed, {cap: counts[chosen[cap]]["layers"] for cap in order})
+        weights = ({c.name: c.weight for c in recipe.capabilities} if options.tower_budget == "weighted_share"
+                   else None)
+        f, tower_budgets = split_budget(total_budget, fixed, {cap: counts[chosen[cap]]["layers"] for cap in order},
+                                        weights)
         towers = {}
         for cap in order:  # one teacher resident at a time: each is loaded, compressed and freed here
             teacher = recipe.teacher(chosen[cap])
             if console is not None:
                 console.print(f"  tower {cap}: teacher {teacher.name}, {counts[teacher.name]['layers']:,} layer "
-                              f"params -> {tower_budgets[cap]:,} (keep {f:.3f})")
+                              f"params -> {tower_budgets[cap]:,} "
+                              f"(keep {tower_budgets[cap] / max(1, counts[teacher.name]['layers']):.3f})")
             towers[cap] = _compress_tower(cap, teacher.name, folders[teacher.name], DTYPES[teacher.dtype],
                                           texts[cap], tower_budgets[cap], options, console, show_progress)
         student, rows = assemble_student(towers, student_tok, hidden, order, texts, options)

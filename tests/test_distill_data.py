@@ -6,7 +6,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import _COMMON, char_tokenizer, small_bpe_tokenizer, tiny_teacher
+from conftest import (
+    _COMMON,
+    TINY_VOCAB,
+    char_tokenizer,
+    small_bpe_tokenizer,
+    tiny_teacher,
+)
 from nexus.conversion.corpora import corpus_text
 from nexus.conversion.teacher_import import nexus_from_teacher
 from nexus.modeling_nexus import NexusConfig, NexusForCausalLM
@@ -61,7 +67,14 @@ SETTINGS = CacheSettings(k=5, layers=(1, -1), tokens_per_shard=20)
 # ------------------------------------------------------------------------------------------------------ cache
 
 
-def test_cache_round_trip_matches_the_teacher_and_reports_bytes_per_token(tmp_path):
+@pytest.mark.parametrize("head_slice", [None, 3], ids=["one-slice", "3-position-slices"])
+def test_cache_round_trip_matches_the_teacher_and_reports_bytes_per_token(tmp_path, monkeypatch, head_slice):
+    """The cache runs the body once and the head over slices of positions (a 262k-token head would otherwise hold
+    2 GB of logits for one 8 x 256 batch); slices of 3 positions must give what the model's own forward gives."""
+    if head_slice:
+        from nexus.conversion.probes import token_scores
+
+        monkeypatch.setattr(token_scores, "FULL_LOGIT_BUDGET", head_slice * TINY_VOCAB)
     teacher = tiny_teacher("llama")
     windows = _windows()
     cache = build_teacher_cache(tmp_path / "c", teacher, windows, settings=SETTINGS, batch_size=4, progress=False)
@@ -169,8 +182,10 @@ def test_interrupted_build_resumes_with_the_missing_shards_only(tmp_path):
     assert n_shards >= 2 and resumed.calls == n_shards - 1  # one batch per shard, the first one not redone
     assert (path / "shard-00000.safetensors").read_bytes() == first
     assert not list(path.glob(".*tmp*"))  # no temporary files left behind
-    fresh = build_teacher_cache(tmp_path / "d", teacher, windows, settings=SETTINGS, progress=False,
-                                teacher_fingerprint="t")
+    # an uninterrupted build through the same forward (the wrapper's: full logits, not the sliced head, whose
+    # matmul blocking may round differently) writes the same shards
+    fresh = build_teacher_cache(tmp_path / "d", KilledTeacher(teacher, 99), windows, settings=SETTINGS,
+                                progress=False, teacher_fingerprint="t")
     assert [s["sha256"] for s in fresh.manifest["shards"]] == [s["sha256"] for s in cache.manifest["shards"]]
 
 

@@ -14,8 +14,9 @@
    ``--memory-breakdown`` also measures, each in a fresh child process: loading the tokenizer alone, the model from
    the fp32 GGUF cache, and the model from a bf16 copy of the same weights.
 5. ``--cli-peak``: the whole-process figure the issue asks for. ``nexus profile RECIPE --force`` (the resolved
-   recipe, into ``bench/out/runs/profile_real_cli/``) runs as its own process and its peak RSS (``ru_maxrss``, the
-   kernel's high-water mark of the whole process: interpreter, imports, every teacher in turn) is compared with a
+   recipe, into ``bench/out/runs/profile_real_cli/``) runs as its own process; its peak RSS is the largest of the
+   spans its profile stage records (VmHWM is reset at the stage start and per teacher, so ``ru_maxrss`` would only
+   see the last span; the imports before the stage peak far lower). It is compared with a
    fresh process that only loads the largest teacher (bf16 weights + tokenizer, the profile's own loader) and runs
    one lm-probe batch of 8 x 256 tokens through the same compute path. Both are absolute, so the interpreter and
    library baseline sits on both sides. Target: ratio <= 1.2 (the largest single teacher + 20%).
@@ -126,7 +127,7 @@ def memory_breakdown(teacher_source, cache_dir):
     return out
 
 
-def cli_peak(raw, base, teacher_source, cache_dir):
+def cli_peak(raw, teacher_source, cache_dir):
     """Peak RSS of `nexus profile` as its own process vs a process holding the largest teacher at work."""
     import shutil
 
@@ -155,9 +156,9 @@ def cli_peak(raw, base, teacher_source, cache_dir):
             "recipe": str(recipe_file)}
 
 
-def measure_cli_peak(raw, base, cache_dir, console):
+def measure_cli_peak(raw, cache_dir, console):
     gemma = next(t for t in raw["teachers"] if t["source"].endswith(".gguf"))
-    whole = cli_peak(raw, base, gemma["source"], cache_dir)
+    whole = cli_peak(raw, gemma["source"], cache_dir)
     console.print(f"`nexus profile` as its own process: peak RSS {whole['nexus_profile_peak_bytes'] / MB:.0f} MiB; "
                   f"a process holding only the largest teacher at work: {whole['teacher_alone_peak_bytes'] / MB:.0f} "
                   f"MiB; ratio {whole['ratio']:.3f} (target <= 1.2)")
@@ -201,7 +202,7 @@ def main():
     if args.only_cli_peak:
         out = Path(args.out)
         report = json.loads(out.read_text()) if out.is_file() else {}
-        report["whole_process_vs_teacher_alone"] = measure_cli_peak(raw, base, cache_dir, console)
+        report["whole_process_vs_teacher_alone"] = measure_cli_peak(raw, cache_dir, console)
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
         return
@@ -254,7 +255,7 @@ def main():
                       f"work (fresh process, above its imports) {alone / MB:.0f} MiB: ratio {over / alone:.3f} "
                       f"(target <= 1.2); vs its bf16 weights alone: {over / mem['largest_teacher_bf16_bytes']:.3f}")
     if args.cli_peak:
-        report["whole_process_vs_teacher_alone"] = measure_cli_peak(raw, base, cache_dir, console)
+        report["whole_process_vs_teacher_alone"] = measure_cli_peak(raw, cache_dir, console)
     out = Path(args.out)
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Quality at equal budget and NIWT ablations (issue 7, parts 1 and 2), on the demo specialists.
 
-    OMP_NUM_THREADS=1 python bench/compare_methods.py [--scale bench|test] [--only NAME ...] [--force] [--steps N]
+    OMP_NUM_THREADS=1 python bench/compare_methods.py [--scale bench|gemma|test] [--only NAME ...] [--force] [--steps N]
     python bench/results.py          # renders bench/RESULTS.md + bench/RESULTS_retention.png from the JSON
 
 Every variant is the demo's `nexus consolidate` pipeline on the same teachers (the three specialists: arithmetic
@@ -29,7 +29,9 @@ Stages cache by input hash under ``--runs`` (profile once; a variant's build / d
 unchanged); a variant whose JSON exists is skipped unless ``--force``. The teachers' top-k caches are the same for
 every variant (they depend on the teacher and the training text only), so each variant's ``distill/caches`` links
 to one shared folder. Scales: ``bench`` = the real specialists (``--teachers``, default runs/demo-teachers from `nexus demo` or $NEXUS_TEACHERS,
-never retrained here) with the demo's full profile/validate settings; ``test`` = tiny specialists trained in
+never retrained here) with the demo's full profile/validate settings; ``gemma`` = Gemma-3-270M + the arithmetic
+specialist with `recipes/consolidate_real.yaml` (its budget, student build, 200 distill steps, validate items),
+NEXUS and the baselines only (JSON in ``bench/out/compare-gemma``); ``test`` = tiny specialists trained in
 seconds and a few steps (the smoke test), numbers measured but meaningless. Each JSON holds the per-item student
 and teacher rows, so `results.py` computes paired differences from NEXUS (same items, same resamples).
 """
@@ -54,12 +56,16 @@ SCHEMA = "nexus.bench.compare/1"
 DEFAULT_TEACHERS = Path(os.environ.get("NEXUS_TEACHERS", HERE.parent / "runs" / "demo-teachers"))
 SPECIALISTS = ("arithmetic", "code", "prose")
 
-# Per scale: the demo scale whose stage options are used, its distill steps, and where JSON / runs go by default.
+# Per scale: where the recipe comes from (the demo's, at a demo scale, or a recipe file), its distill steps, where
+# JSON / runs go by default, and which variant groups it runs (``gemma``: NEXUS and the baselines; the ablations are
+# measured on the demo specialists).
 SCALES = {
     "bench": {"demo_scale": "full", "steps": 500, "out": HERE / "out" / "compare",
-              "runs": HERE / "out" / "compare-runs" / "bench"},
+              "runs": HERE / "out" / "compare-runs" / "bench", "groups": ("nexus", "baseline", "ablation")},
     "test": {"demo_scale": "test", "steps": 2, "out": HERE / "out" / "compare-test",
-             "runs": HERE / "out" / "compare-runs" / "test"},
+             "runs": HERE / "out" / "compare-runs" / "test", "groups": ("nexus", "baseline", "ablation")},
+    "gemma": {"recipe": HERE / "recipes" / "consolidate_real.yaml", "steps": 200, "out": HERE / "out" / "compare-gemma",
+              "runs": HERE / "out" / "compare-runs" / "gemma", "groups": ("nexus", "baseline")},
 }
 
 
@@ -114,7 +120,7 @@ for _v in (
             "parameter averaging (linear) or trimmed sign-consensus merging (TIES) of teachers of one architecture",
             not_run="not_applicable", evidence="teacher_architectures",
             reason="linear and TIES merging average parameters tensor by tensor, so they need teachers with the "
-                   "same architecture, the same shapes and one tokenizer; no two demo specialists share one (see "
+                   "same architecture, the same shapes and one tokenizer; no two of these teachers share one (see "
                    "evidence: each teacher's family, shapes and vocabulary, read from its config). mergekit is not "
                    "installed and was not run."),
     Variant("fusellm_dense_kd", "baseline", "(f) FuseLLM-style multi-teacher KD into a dense student",
@@ -208,8 +214,12 @@ def base_raw_recipe(teachers: dict, run_dir: Path, scale: str, steps: int) -> di
     from nexus.conversion.demo import SCALES as DEMO_SCALES
     from nexus.conversion.demo import demo_recipe
 
-    demo_scale = SCALES[scale]["demo_scale"]
-    raw = demo_recipe(teachers, run_dir, max_items=DEMO_SCALES[demo_scale]["profile"]["max_items"], scale=demo_scale)
+    if "recipe" in SCALES[scale]:
+        raw = recipe_file_raw(SCALES[scale]["recipe"], run_dir)
+    else:
+        demo_scale = SCALES[scale]["demo_scale"]
+        raw = demo_recipe(teachers, run_dir, max_items=DEMO_SCALES[demo_scale]["profile"]["max_items"],
+                          scale=demo_scale)
     raw["name"] = "compare"
     raw["stages"]["distill"]["steps"] = steps
     raw["stages"]["distill"]["checkpoint_every"] = max(1, min(raw["stages"]["distill"]["checkpoint_every"], steps))
@@ -217,10 +227,35 @@ def base_raw_recipe(teachers: dict, run_dir: Path, scale: str, steps: int) -> di
     return raw
 
 
+def recipe_file_raw(path: Path, run_dir: Path) -> dict:
+    """A recipe file's raw dict with its run folder replaced and every relative teacher source or cache folder made
+    absolute (relative to the file), so the recipe validates from ``run_dir``."""
+    import yaml
+
+    path = Path(path).resolve()
+    raw = yaml.safe_load(path.read_text())
+    raw["run_dir"] = str(run_dir)
+    if raw.get("cache_dir"):
+        raw["cache_dir"] = str((path.parent / raw["cache_dir"]).resolve())
+    for teacher in raw["teachers"]:
+        teacher["source"] = str((path.parent / teacher["source"]).resolve())
+    return raw
+
+
+def recipe_teacher_folders(recipe) -> dict:
+    """{teacher: HF folder} of a recipe's teachers as the stages load them (a GGUF's converted cache folder)."""
+    from nexus.conversion.stage_memory import teacher_footprint
+
+    return {t.name: teacher_footprint(recipe, t)["folder"] for t in recipe.teachers}
+
+
 def specialist_folders(scale: str, teachers_dir: Path, runs: Path, show_progress: bool) -> dict:
-    """{specialist: folder}: the finished real specialists (never retrained here), or tiny ones for ``test``."""
+    """{specialist: folder}: the finished real specialists (never retrained here), or tiny ones for ``test``;
+    empty for a scale whose recipe file names its own teachers."""
     from nexus.training.specialists import load_competence, train_specialist
 
+    if "recipe" in SCALES[scale]:
+        return {}
     if scale == "test":
         from nexus.conversion.demo import tiny_specialist_recipes
 
@@ -296,6 +331,29 @@ def tower_summary(build: dict, init_path: Path) -> list:
     return out
 
 
+class StageMemory:
+    """Each stage's RAM plan (`stage_ram_guard.guard_stage_ram`: printed, refused over the recipe's budget) and its
+    measured peak RSS in this process (VmHWM, reset before the stage), for the planner-vs-measured table."""
+
+    def __init__(self, recipe, console):
+        self.recipe, self.console, self.record = recipe, console, {}
+
+    def before(self, stage, **inputs):
+        from nexus.conversion.peak_rss import reset_peak_rss
+        from nexus.conversion.stage_ram_guard import guard_stage_ram
+
+        plan = guard_stage_ram(self.recipe, stage, self.console, **inputs)
+        self.record[stage] = {"planned_bytes": plan["total_bytes"], "components": plan["components"],
+                              "peak_from": plan["assumptions"].get("peak"), "peak_reset": reset_peak_rss()}
+
+    def after(self, stage, reused):
+        from nexus.conversion.peak_rss import peak_rss
+
+        entry = self.record[stage]
+        entry["measured_peak_bytes"], entry["reused"] = peak_rss(), bool(reused)
+        entry["plan_over_measured"] = round(entry["planned_bytes"] / entry["measured_peak_bytes"], 3)
+
+
 def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, scale: str, console, show_progress,
                 force=False) -> dict:
     from nexus.conversion.distill import run_distill
@@ -305,16 +363,23 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
     started = time.perf_counter()
     recipe = variant_recipe(base_raw, variant, run_dir)
     vdir = recipe.run_path / "variants" / variant.name
+    memory = StageMemory(recipe, console)
+    memory.before("student_build", profile=profile)
     init, build = run_student_build(recipe, profile, out=vdir / "student_build", console=console,
                                     show_progress=show_progress, force=force)
+    memory.after("student_build", build["reused"])
     if build["params"] > build["budget"]["params"]:  # student_build refuses this; checked again for the table
         raise RuntimeError(f"{variant.name}: {build['params']} params over the budget {build['budget']['params']}")
     _share_caches(recipe.run_path / "teacher_caches", vdir / "distill")
+    memory.before("distill", profile=profile, student=init)
     distill = run_distill(recipe, init, profile=profile, out=vdir / "distill", console=console,
                           show_progress=show_progress, force=force)
+    memory.after("distill", distill["reused"])
     lmc = distill["lmc"]["json"] if distill.get("lmc") else None
+    memory.before("validate", profile=profile, student=distill["student"])
     report = run_validate(recipe, distill["student"], lmc=lmc, out=vdir / "validate", console=console,
                           show_progress=show_progress, force=force)
+    memory.after("validate", report["reused"])
     student_items = json.loads((vdir / "validate" / "items.json").read_text())["student"]
     profile_items = json.loads((recipe.run_path / "profile" / "items.json").read_text())
     d_opts = distill["options"]
@@ -342,6 +407,7 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
         "seconds": {"student_build": build["seconds"], "distill": distill["seconds"], "validate": report["seconds"]},
         "reused": {"student_build": build["reused"], "distill": distill["reused"], "validate": report["reused"]},
         "seconds_this_invocation": round(time.perf_counter() - started, 1),
+        "memory": memory.record,
         "paths": {"student_build": str(init), "student": distill["student"], "report": report["path"]},
     }
 
@@ -400,6 +466,7 @@ def summary_table(rows, title):
 def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEACHERS, only=None, force=False,
                    steps=None, console=None, show_progress=True) -> dict:
     """Run every variant (or ``only`` those) and write one JSON each; returns {name: record body}."""
+    from nexus.conversion.budget import BudgetError
     from nexus.conversion.profile import run_profile
     from nexus.conversion.recipe import validate_recipe
 
@@ -415,17 +482,20 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
     teachers = specialist_folders(scale, teachers_dir, run_dir, show_progress)
     base_raw = base_raw_recipe(teachers, run_dir, scale, steps)
     console.rule(f"[bold]profile (shared by every variant), scale {scale}")
-    profile = run_profile(validate_recipe(base_raw, base_dir=run_dir), console=console, show_progress=show_progress)
+    base_recipe = validate_recipe(base_raw, base_dir=run_dir)
+    profile = run_profile(base_recipe, console=console, show_progress=show_progress)
     console.print(f"best teachers: {profile['best']}" + (" (reused)" if profile.get("reused") else ""))
+    teachers = teachers or recipe_teacher_folders(base_recipe)  # after the profile: a GGUF is converted by now
     results = {}
     for order, (name, variant) in enumerate(VARIANTS.items()):
         path = out / f"{name}.json"
         runs_it = not (variant.not_run or variant.same_as)
-        if only and name not in only:
+        if (only and name not in only) or variant.group not in SCALES[scale]["groups"]:
             continue
         if path.is_file() and not force:
             previous = json.loads(path.read_text())
-            same = previous.get("scale") == scale and (not runs_it or previous.get("train", {}).get("steps") == steps)
+            same = previous.get("scale") == scale and (not runs_it or previous.get("status") == "not_feasible"
+                                                       or previous.get("train", {}).get("steps") == steps)
             if same:
                 results[name] = previous
                 console.print(f"[dim]{name}: {path} exists, skipped (--force reruns it)[/]")
@@ -438,7 +508,14 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
             console.print(f"{name}: {body['status']} ({body['reason'][:100]}...)")
             continue
         console.rule(f"[bold]{name}: {variant.label}")
-        body = run_variant(variant, base_raw, run_dir, profile, scale, console, show_progress, force)
+        try:
+            body = run_variant(variant, base_raw, run_dir, profile, scale, console, show_progress, force)
+        except BudgetError as exc:  # the method cannot build a student this small from these teachers: say so
+            body = {"status": "not_feasible", "reason": f"the student build refused the budget: {exc}"}
+            write_variant_json(out, variant, order, scale, body)
+            results[name] = body
+            console.print(f"[yellow]{name}: not feasible at this budget: {exc}[/]")
+            continue
         write_variant_json(out, variant, order, scale, body)
         results[name] = body
         m = body["min"]

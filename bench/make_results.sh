@@ -2,9 +2,11 @@
 # Issue 7's one command: regenerate bench/RESULTS.md (+ RESULTS_retention.png) from JSON that the benches write.
 #   bash bench/make_results.sh            # runs only what has no JSON yet (every step resumes), then renders
 #   bash bench/make_results.sh --force    # reruns every measurement
-# Measured on this 2-core CPU, one thread: compare_methods ~35 min (10 variants), throughput_compare ~9 min,
-# inference_speed ~10 min. Needs the bench extras (`pip install -e ".[bench]"`) and the demo specialists, which
-# `nexus demo` trains into runs/demo-teachers (set NEXUS_TEACHERS to use another folder).
+# Measured on a 2-core AVX2 CPU, one thread: compare_methods ~35 min (10 variants), throughput_compare ~9 min,
+# inference_speed ~10 min; compare_methods --scale gemma (Gemma-3-270M + the arithmetic specialist, 6 variants) is
+# the long one. Needs the bench extras (`pip install -e ".[bench]"`), the Gemma GGUF assembled at
+# /work/cache/gemma-3-270m-q4_k_m.gguf and the specialists at /work/cache/specialists (bench/README.md), and the demo
+# specialists, which `nexus demo` trains into runs/demo-teachers (set NEXUS_TEACHERS to use another folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -17,5 +19,6 @@ if [[ -n "$force" || ! -f bench/out/throughput_compare.json ]]; then
   python bench/throughput_compare.py
 fi
 python bench/compare_methods.py ${force:+--force} --no-progress
+python bench/compare_methods.py --scale gemma ${force:+--force} --no-progress
 python bench/results.py > /dev/null
 echo "wrote bench/RESULTS.md and bench/RESULTS_retention.png"

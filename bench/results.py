@@ -1,9 +1,11 @@
 """Render bench/RESULTS.md (+ bench/RESULTS_retention.png) purely from the JSON under bench/out/ (issue 7).
 
-    python bench/results.py [--compare-dir bench/out/compare] [--out-dir bench/out] [--md bench/RESULTS.md]
+    python bench/results.py [--compare-dir bench/out/compare] [--gemma-dir bench/out/compare-gemma]
+                            [--out-dir bench/out] [--md bench/RESULTS.md]
 
 Sections: (1) quality at equal budget and (2) ablations from ``<compare-dir>/*.json`` (written by
-`compare_methods.py`), (3) throughput and memory from ``<out-dir>/throughput_compare.json`` and (4) inference from
+`compare_methods.py`), (1b) the same on Gemma-3-270M + the arithmetic specialist from ``<gemma-dir>/*.json``
+(`compare_methods.py --scale gemma`; figure ``RESULTS_retention_gemma.png``), (3) throughput and memory from ``<out-dir>/throughput_compare.json`` and (4) inference from
 ``<out-dir>/inference_speed.json`` when they exist (rendered generically: whatever keys they hold). Every number is
 read from those files or computed from the per-item rows they hold: the difference from NEXUS of a variant's
 retention is a paired bootstrap over the same items with the same resamples the validate stage drew (student and
@@ -373,7 +375,59 @@ def inference_section(d) -> list:
     return out
 
 
-def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path) -> str:
+def quality_section(records, title, png_path, expected_scale) -> list:
+    """Sections 1 (and 2 when there are ablations) for one folder of comparison JSON."""
+    scales = sorted({r.get("scale") for r in records.values()})
+    nexus = resolved(records, "nexus")
+    caps = _caps(records)
+    done = [r for r in records.values() if r.get("status") == "done"]
+    steps = sorted({r["train"]["steps"] for r in done})
+    tokens = sorted({r["train"]["tokens"] for r in done})
+    budgets = sorted({r["params"]["budget"] for r in done})
+    parts = ["", title, ""] if title else []
+    if scales != [expected_scale]:
+        parts.append(f"**Scale: {', '.join(map(str, scales))} (expected {expected_scale}): a smoke run on tiny "
+                     "specialists or a mixed folder; these numbers are measured but say nothing about the methods.**\n")
+    parts.append(f"Every run: one shared profile and validation item set; student budget {budgets} params; "
+                 f"distill steps {steps}, student training tokens {tokens}"
+                 + ("" if len(steps) <= 1 and len(tokens) <= 1 else
+                    " — **the runs do NOT share one training budget; compare with care**")
+                 + f"; threads {sorted({r.get('threads') for r in done})}. Params column: the student's count "
+                   "(its ratio to the teachers' sum).")
+    if nexus is not None:
+        teachers_intro = ("The teachers each retention is measured against (the profile's best per capability, "
+                          "scored on the same held-out items; a teacher that is not competent makes retention "
+                          "meaningless):")
+        parts += ["", teachers_intro, "", md_table(["capability", "best teacher", "metric", "teacher score", "competent",
+                                                    "items"],
+                                                   [[c, e["teacher"], e["metric"], _fmt_scalar(e["teacher_score"]),
+                                                     _fmt_scalar(e.get("competent")), _fmt_scalar(e["n"])]
+                                                    for c, e in nexus["retention"].items()])]
+        if nexus.get("undefined"):
+            parts += ["", "Retention undefined (shown as –): " + "; ".join(f"{c}: {why}" for c, why in
+                                                                      nexus["undefined"].items()) + "."]
+    header = ["variant", "params (ratio)", "train tokens / steps"] + caps + ["min [95% CI]", "mean [95% CI]",
+                                                                             "Δ min vs NEXUS", "verdict (min)"]
+    groups = {g: [n for n, r in records.items() if r["group"] == g] for g in ("nexus", "baseline", "ablation")}
+    parts += group_section(records, groups["nexus"] + groups["baseline"], nexus, caps, header,
+                           "Paired differences from NEXUS (variant − NEXUS), per capability:", "Not run:",
+                           png_path)
+    if groups["ablation"]:
+        parts += ["", "## 2. Ablations: one NIWT part switched at a time"]
+        parts += group_section(records, groups["ablation"], nexus, caps, header,
+                               "Contribution of each part = NEXUS − ablation, i.e. minus these differences "
+                               "(variant − NEXUS, paired 95% CIs):", "Not measured (with the reason):")
+
+    time_rows = [[r["label"], *(f"{r['seconds'].get(k, 0):.0f}" for k in ("student_build", "distill", "validate")),
+                  f"{sum(r['seconds'].values()):.0f}", f"{r['train']['tokens_per_second']:.0f}"]
+                 for r in done]
+    parts += ["", "### Time per variant (seconds, as each stage recorded it)", "",
+              md_table(["variant", "student build", "distill", "validate", "total", "train tok/s"], time_rows)]
+    return parts
+
+
+def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemma_dir: Path | None = None,
+           gemma_png_path: Path | None = None) -> str:
     records = load_compare(compare_dir)
     intro = ("Generated by `python bench/results.py` from the JSON files under `bench/out/` (nothing here is typed "
              "by hand). Retention = student ÷ best teacher on the same held-out items (bits per byte for prose and "
@@ -382,53 +436,17 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path) -> s
              "better, above 0 that the variant is better (the table then says **NEXUS worse**).")
     parts = ["# NEXUS benchmarks", "", intro]
     if records:
-        scales = sorted({r.get("scale") for r in records.values()})
-        nexus = resolved(records, "nexus")
-        caps = _caps(records)
-        done = [r for r in records.values() if r.get("status") == "done"]
-        steps = sorted({r["train"]["steps"] for r in done})
-        tokens = sorted({r["train"]["tokens"] for r in done})
-        budgets = sorted({r["params"]["budget"] for r in done})
-        parts += ["", "## 1. Quality at equal budget (demo specialists)", ""]
-        if scales != ["bench"]:
-            parts.append(f"**Scale: {', '.join(map(str, scales))}: a smoke run on tiny specialists; these numbers "
-                         "are measured but say nothing about the methods.**\n")
-        parts.append(f"Every run: one shared profile and validation item set; student budget {budgets} params; "
-                     f"distill steps {steps}, student training tokens {tokens}"
-                     + ("" if len(steps) <= 1 and len(tokens) <= 1 else
-                        " — **the runs do NOT share one training budget; compare with care**")
-                     + f"; threads {sorted({r.get('threads') for r in done})}. Params column: the student's count "
-                       "(its ratio to the teachers' sum).")
-        if nexus is not None:
-            teachers_intro = ("The teachers each retention is measured against (the profile's best per capability, "
-                              "scored on the same held-out items; a teacher that is not competent makes retention "
-                              "meaningless):")
-            parts += ["", teachers_intro, "", md_table(["capability", "best teacher", "metric", "teacher score", "competent", "items"],
-                                   [[c, e["teacher"], e["metric"], _fmt_scalar(e["teacher_score"]),
-                                     _fmt_scalar(e.get("competent")), _fmt_scalar(e["n"])]
-                                    for c, e in nexus["retention"].items()])]
-            if nexus.get("undefined"):
-                parts += ["", "Retention undefined (shown as –): " + "; ".join(f"{c}: {why}" for c, why in
-                                                                          nexus["undefined"].items()) + "."]
-        header = ["variant", "params (ratio)", "train tokens / steps"] + caps + ["min [95% CI]", "mean [95% CI]",
-                                                                                 "Δ min vs NEXUS", "verdict (min)"]
-        groups = {g: [n for n, r in records.items() if r["group"] == g] for g in ("nexus", "baseline", "ablation")}
-        parts += group_section(records, groups["nexus"] + groups["baseline"], nexus, caps, header,
-                               "Paired differences from NEXUS (variant − NEXUS), per capability:", "Not run:",
-                               png_path)
-        parts += ["", "## 2. Ablations: one NIWT part switched at a time"]
-        parts += group_section(records, groups["ablation"], nexus, caps, header,
-                               "Contribution of each part = NEXUS − ablation, i.e. minus these differences "
-                               "(variant − NEXUS, paired 95% CIs):", "Not measured (with the reason):")
-
-        time_rows = [[r["label"], *(f"{r['seconds'].get(k, 0):.0f}" for k in ("student_build", "distill", "validate")),
-                      f"{sum(r['seconds'].values()):.0f}", f"{r['train']['tokens_per_second']:.0f}"]
-                     for r in done]
-        parts += ["", "### Time per variant (seconds, as each stage recorded it)", "",
-                  md_table(["variant", "student build", "distill", "validate", "total", "train tok/s"], time_rows)]
+        parts += quality_section(records, "## 1. Quality at equal budget (demo specialists)", png_path,
+                                 expected_scale="bench")
     else:
         parts += ["", "## 1–2. Quality at equal budget, ablations", "",
                   f"No comparison JSON in `{compare_dir}`: run `python bench/compare_methods.py`."]
+    gemma = load_compare(gemma_dir) if gemma_dir is not None else {}
+    parts += ["", "## 1b. Quality at equal budget: Gemma-3-270M + the arithmetic specialist", ""]
+    if gemma:
+        parts += quality_section(gemma, None, gemma_png_path, expected_scale="gemma")
+    else:
+        parts += [f"No comparison JSON in `{gemma_dir}`: run `python bench/compare_methods.py --scale gemma`."]
 
     for n, (name, title, renderer) in enumerate((
             ("throughput_compare.json", "Throughput and memory", throughput_section),
@@ -451,12 +469,15 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path) -> s
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare-dir", type=Path, default=HERE / "out" / "compare")
+    parser.add_argument("--gemma-dir", type=Path, default=HERE / "out" / "compare-gemma",
+                        help="compare_methods.py --scale gemma's JSON")
     parser.add_argument("--out-dir", type=Path, default=HERE / "out", help="where the other benches' JSON are")
     parser.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
     args = parser.parse_args(argv)
     png = args.png or args.md.with_name("RESULTS_retention.png")
-    text = render(args.compare_dir, args.out_dir, args.md, png)
+    text = render(args.compare_dir, args.out_dir, args.md, png, args.gemma_dir,
+                  png.with_name(png.stem + "_gemma" + png.suffix))
     print(text)
     return text
 

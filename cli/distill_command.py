@@ -2,7 +2,8 @@
 
 Reads the profile (`nexus profile RECIPE` first); writes ``runs/<name>/student_build/`` and ``runs/<name>/distill/``
 (the student checkpoint, train log, caches with bytes/token, router accuracy, LMC plot). A killed run resumes from
-its newest checkpoint when started again.
+its newest checkpoint when started again. Each stage's peak RAM is planned before it starts and the stage refused
+(exit 2, nothing of it written) over memory.ram_gb.
 """
 
 import typer
@@ -23,6 +24,7 @@ def distill(
     from .conversion.distill import run_distill
     from .conversion.profile import load_profile
     from .conversion.recipe import load_recipe
+    from .conversion.stage_ram_guard import guard_stage_ram
     from .conversion.student_build import run_student_build
 
     console = Console()
@@ -30,11 +32,13 @@ def distill(
         loaded = load_recipe(recipe)
         profile = load_profile(loaded.run_path)
         if student_init is None:
+            guard_stage_ram(loaded, "student_build", console, profile=profile)
             path, record = run_student_build(loaded, profile, console=console, show_progress=not quiet)
             console.print(f"student init {path}: {record['params']:,} params "
                           f"({record['params_ratio']:.3f} of its teachers)" + (" [dim](reused)[/]" if record["reused"]
                                                                                 else ""))
             student_init = path
+        guard_stage_ram(loaded, "distill", console, profile=profile, student=student_init)
         summary = run_distill(loaded, student_init, profile=profile, out=out, console=console,
                               show_progress=not quiet, force=force)
     router = summary["router_accuracy"]

@@ -1,6 +1,7 @@
 """`nexus export SRC OUT`: a self-contained checkpoint folder, or (--standard) one tower as a plain Llama/Gemma-3."""
 
 import typer
+from rich.console import Console
 
 from .errors import clean_errors
 
@@ -21,11 +22,16 @@ def export(
     verify: bool = typer.Option(False, "--verify", help="load the result in a fresh process without NEXUS and "
                                 "compare logits before moving it into place"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
+    ram_gb: float = typer.Option(None, "--ram-gb", help="peak RAM (GiB) the export may plan for; planned over it, "
+                                 "it is refused before anything is written (default: the machine's total RAM)"),
 ):
     """Export a checkpoint: self-contained folder (default) or a standard-architecture tower (+ GGUF)."""
+    from .conversion.stage_ram_guard import guard_export_ram
+
     with clean_errors():
         if (gguf or pad_to_uniform) and not standard:
             raise ValueError("--gguf and --pad-to-uniform apply to --standard exports; add --standard")
+        guard_export_ram(src, ram_gb, Console())
         tower_key = int(tower) if tower.lstrip("-").isdigit() else tower
         if standard:
             from .hub.standard_export import export_standard

@@ -11,14 +11,19 @@ def profile(
     force: bool = typer.Option(False, "--force", help="re-score even when a profile with the same inputs exists"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
-    """Which teacher is best at which capability: writes runs/<name>/profile/ (JSON, heatmap PNG)."""
+    """Which teacher is best at which capability: writes runs/<name>/profile/ (JSON, heatmap PNG).
+
+    Its peak RAM is planned first and the stage refused (exit 2, nothing written) over memory.ram_gb."""
     from .conversion.profile import run_profile
     from .conversion.profile_report import profile_table
     from .conversion.recipe import load_recipe
+    from .conversion.stage_ram_guard import guard_stage_ram
 
     console = Console()
     with clean_errors():
-        result = run_profile(load_recipe(recipe), console=console, show_progress=not quiet, force=force)
+        loaded = load_recipe(recipe)
+        guard_stage_ram(loaded, "profile", console)
+        result = run_profile(loaded, console=console, show_progress=not quiet, force=force)
     console.print(profile_table(result))
     if result.get("reused"):
         console.print("[dim]inputs unchanged since the last profile: reused it (--force to re-score)[/]")

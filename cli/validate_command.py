@@ -1,7 +1,7 @@
 """`nexus validate RECIPE STUDENT`: retention per capability (95% CIs), layer CKA, interference, and the gate.
 
-Exit codes: 0 = validated (gate passed or not requested), 2 = bad input (one red line, nothing written),
-3 = the gate failed (the report is still written; the failing capabilities are printed).
+Exit codes: 0 = validated (gate passed or not requested), 2 = bad input or a peak-RAM plan over memory.ram_gb (one
+red line, nothing written), 3 = the gate failed (the report is still written; the failing capabilities are printed).
 """
 
 import typer
@@ -28,13 +28,21 @@ def validate(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
     """Does the student keep every capability? Writes report.json, report.md, PNGs and model_card.md."""
+    from .conversion.profile import load_profile
     from .conversion.recipe import load_recipe
     from .conversion.report_render import validation_table
-    from .conversion.validate import run_validate
+    from .conversion.stage_ram_guard import guard_stage_ram
+    from .conversion.validate import check_model_folder, run_validate
 
     console = Console()
     with clean_errors():
-        report = run_validate(load_recipe(recipe), student, checkpoints=checkpoint or (), feature_map=feature_map,
+        loaded = load_recipe(recipe)
+        try:
+            profile = load_profile(loaded.run_path)  # only sharpens the plan: validate runs without one
+        except FileNotFoundError:
+            profile = None
+        guard_stage_ram(loaded, "validate", console, profile=profile, student=check_model_folder(student, "student"))
+        report = run_validate(loaded, student, checkpoints=checkpoint or (), feature_map=feature_map,
                               lmc=lmc, out=out, gate=gate, console=console, show_progress=not quiet, force=force)
     console.print(validation_table(report))
     if report.get("reused"):

@@ -44,14 +44,11 @@ class _MemoryWatch:
 
     def before(self, stage, **inputs):
         """Re-plan ``stage`` from the inputs the earlier stages produced; refuse it over budget; start its peak."""
-        from .peak_rss import current_rss, reset_peak_rss
-        from .stage_memory import STAGE_RAM_PLANS, check_stage_plan, plan_summary
+        from .peak_rss import reset_peak_rss
+        from .stage_ram_guard import guard_stage_ram
 
-        plan = STAGE_RAM_PLANS[stage](self.recipe, current_rss() or 0, **inputs) if inputs else self.upfront[stage]
-        self.plans[stage] = plan
-        self.console.print(f"[dim]memory plan, {stage}: peak RAM {plan_summary(plan)}; budget "
-                           f"{self.budget / 2**20:,.0f} MiB[/]")
-        check_stage_plan(plan, self.budget, self.source)
+        self.plans[stage] = guard_stage_ram(self.recipe, stage, self.console,
+                                            plan=None if inputs else self.upfront[stage], **inputs)
         reset_peak_rss()
 
     def after(self, stage):

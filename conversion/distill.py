@@ -330,10 +330,12 @@ def _progress(console, enabled):
 def distill_inputs(recipe, options, student_init, teachers_of, modes, folders, texts, held):
     """The stage's cache key: the student init's files, the options, each capability's teachers and alignment modes,
     the distilling teachers' files (a GGUF's converted folder) and the train / held-out text it learns from."""
+    from ..training.distill_engine import resolve_autocast
     from .training_text import training_texts_digest
 
     return {"student_init": _files_fingerprint(student_init),
             "options": options.model_dump(mode="json", exclude={"gradient_checkpointing"}),
+            "autocast_resolved": resolve_autocast(options.autocast),  # "auto" means bf16 on a native-bf16 CPU only
             "teachers_of": teachers_of, "modes": modes,
             "capabilities": [c.name for c in recipe.capabilities],
             "teachers": {name: _files_fingerprint(folder) for name, folder in folders.items()},
@@ -444,7 +446,8 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         def loader(spec=spec, resident=resident):
             if "model" not in resident:
                 resident["model"], _ = load_teacher(spec.source, DTYPES[spec.dtype], spec.allow_pickle,
-                                                    spec.trust_remote_code, recipe.cache_dir)
+                                                    spec.trust_remote_code, recipe.cache_dir,
+                                                    with_tokenizer=False)  # `tokenizers` holds it already
             return resident["model"]
 
         t_tok, mode = tokenizers[teacher], modes[teacher]
@@ -493,6 +496,13 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         finally:
             resident.clear()  # the teacher is freed before the next one loads
             gc.collect()
+    # training needs none of the teachers' tokenizers (Gemma-3's holds ~320 MiB): free them, and return the freed
+    # heap to the OS, so the training phase starts from the stage's floor (as the memory plan assumes)
+    tokenizers.clear()
+    t_tok = None
+    from .peak_rss import release_freed_memory
+
+    release_freed_memory()
 
     # ---------------------------------------------------------------- engine
     mix = options.loss

@@ -159,7 +159,7 @@ def tokenizer_bytes(folder) -> dict:
 # ---------------------------------------------------------------------------------------------- activations
 
 
-def forward_activation_bytes(config, batch, seq_len, dtype="bf16", sliced_head=False) -> dict:
+def forward_activation_bytes(config, batch, seq_len, dtype="bf16", sliced_head=False, position_slices=False) -> dict:
     """Activations of one no-grad forward of an HF decoder: ``{"logits", "layer_working_set", "total"}``.
 
     The logits (B, T, V) in the model's dtype are the largest tensor; a final-logit softcap makes two more of them
@@ -169,14 +169,21 @@ def forward_activation_bytes(config, batch, seq_len, dtype="bf16", sliced_head=F
 
     ``sliced_head``: the probes' scoring (`probes.token_scores`) runs the head over vocabulary slices of at most
     ``LOGIT_BUDGET`` fp32 logits instead: three such slices live at once (the slice, its softcap / log-sum-exp
-    temporaries) and the head's weight slice cast to fp32.
+    temporaries) and the head's weight slice cast to fp32. ``position_slices`` (with ``sliced_head``): the teacher
+    cache's head instead (`teacher_cache`): full-vocabulary rows for up to ``FULL_LOGIT_BUDGET // V`` positions at a
+    time, the head's output in ``dtype``, its fp32 copy and the top-k / log-sum-exp temporaries (two more).
     """
     b = dtype_bytes(dtype)
     tokens = batch * seq_len
     H, V, I = config.hidden_size, config.vocab_size, config.intermediate_size
     nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
     softcap = getattr(config, "final_logit_softcapping", None)
-    if sliced_head:
+    if sliced_head and position_slices:
+        from .probes.token_scores import FULL_LOGIT_BUDGET
+
+        rows = min(tokens, max(1, FULL_LOGIT_BUDGET // V))
+        logits = 3 * rows * V * 4 + rows * V * b
+    elif sliced_head:
         from .probes.token_scores import LOGIT_BUDGET, MIN_VOCAB_SLICE
 
         span = min(V, max(MIN_VOCAB_SLICE, LOGIT_BUDGET // max(1, tokens)))
@@ -199,14 +206,14 @@ def _component_total(components):
 
 
 def plan_stage(teachers, stage="forward", batch=8, seq_len=256, runtime_bytes=None, activation_dtype=None,
-               sliced_head=False) -> dict:
+               sliced_head=False, position_slices=False) -> dict:
     """Peak-RAM plan of a stage that loads each teacher in turn and runs one no-grad forward of batch x seq_len.
 
     ``teachers``: a list of ``(name, config_or_folder, dtype, tokenizer_folder_or_None)``. ``runtime_bytes``: the
     process before any teacher loads (default: this process's RSS now, i.e. Python + torch + transformers).
     ``activation_dtype``: the forward's dtype when it differs from the weights' (fp32 matmuls over bf16 weights);
     ``sliced_head``: score through the probes' vocabulary-sliced head where the family allows it (see
-    `forward_activation_bytes`).
+    `forward_activation_bytes`); ``position_slices``: the teacher cache's head over position slices instead.
     A folder's weights are counted from its safetensors headers, a config (or a folder without weights)
     analytically. Returns ``{"stage", "components", "total_bytes", "per_teacher", "peak_teacher", "assumptions"}``;
     components are those of the teacher that sets the peak.
@@ -227,7 +234,8 @@ def plan_stage(teachers, stage="forward", batch=8, seq_len=256, runtime_bytes=No
         from .probes.token_scores import SLICED_HEAD_TYPES
 
         sliced = sliced_head and getattr(config, "model_type", None) in SLICED_HEAD_TYPES
-        acts = forward_activation_bytes(config, batch, seq_len, activation_dtype or dtype, sliced_head=sliced)
+        acts = forward_activation_bytes(config, batch, seq_len, activation_dtype or dtype, sliced_head=sliced,
+                                        position_slices=position_slices)
         forward_phase = {"runtime": runtime_bytes, "teacher_weights": weights, "tokenizer": tok["resident"],
                          "activations": acts["total"]}
         load_phase = {"runtime": runtime_bytes, "tokenizer_load_peak": tok["load_peak"]}

@@ -23,14 +23,18 @@ distill        the larger of caching (student fp32 + one teacher + its forward o
                head over a few positions at a time for the families `teacher_cache` slices, else full logits) and training (student x 16 bytes: weights, gradients, two AdamW moments; + preservation's
                importance and anchor; + activations of batch_size x seq_len with backward; + LMC's two extra
                copies), plus the aligned rows held for training (tokens x (top_k x 6 + 24) bytes)
-validate       the largest model scored (teachers as in profile; the student and its checkpoints in student_dtype)
-               + CKA's hidden states
+validate       the larger of the tokenisation check (each teacher's tokenizer loaded in turn: the largest one's parse
+               peak) and the largest model scored (the student and its checkpoints in student_dtype; teachers as in
+               profile, unless their scores come from a matching profile and CKA is off) + CKA's hidden states
 export         the student loaded and serialised (2 x fp32)
 =============  ======================================================================================================
 
-Stages register their planner in `STAGE_RAM_PLANS` (`register_stage_ram_plan` refuses a duplicate name).
+Stages register their planner in `STAGE_RAM_PLANS` (`register_stage_ram_plan` refuses a duplicate name). The
+stand-alone stage commands (`nexus profile`, `distill`, `validate`, `export`) check the same plans through
+`stage_ram_guard`; `nexus export` has no recipe and plans with `plan_checkpoint_export_ram`.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -84,12 +88,16 @@ def ram_budget(recipe) -> tuple[int, str]:
     return machine_ram_bytes(), "the machine's total RAM (memory.ram_gb unset)"
 
 
-def check_stage_plan(plan, budget, source):
-    """`check_plan` against the RAM budget; the refusal also says where the budget comes from."""
+RECIPE_BUDGET_HINT = "set memory.ram_gb in the recipe to change it"
+
+
+def check_stage_plan(plan, budget, source, hint=RECIPE_BUDGET_HINT):
+    """`check_plan` against the RAM budget; the refusal also says where the budget comes from and ``hint``: how to
+    change it."""
     try:
         return check_plan(plan, budget)
     except MemoryPlanError as exc:
-        raise MemoryPlanError(f"{exc}. The budget is {source}; set memory.ram_gb in the recipe to change it") from None
+        raise MemoryPlanError(f"{exc}. The budget is {source}; {hint}") from None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -135,13 +143,16 @@ def _plan(stage, components, **assumptions):
 
 def _largest(plans, stage, **assumptions):
     """The plan among ``plans`` ({label: plan}) with the largest total, relabelled as ``stage``'s."""
+    if not plans:  # no model to load (the stage itself reports why)
+        return {**_plan(stage, {}, **assumptions), "per_model": {}}
     label = max(plans, key=lambda k: plans[k]["total_bytes"])
     peak = plans[label]
     return {**_plan(stage, dict(peak["components"]), **{**peak.get("assumptions", {}), **assumptions, "peak": label}),
             "per_model": {k: p["total_bytes"] for k, p in plans.items()}}
 
 
-def _teacher_forward_plans(recipe, specs, runtime, batch, seq_len, compute, stage, sliced_head=True):
+def _teacher_forward_plans(recipe, specs, runtime, batch, seq_len, compute, stage, sliced_head=True,
+                           position_slices=False):
     """{teacher: plan} of loading it and running one no-grad forward (or converting its GGUF, when not done yet);
     ``sliced_head``: the head runs over slices (probes, teacher cache) where the family allows it (see
     `memory_plan.plan_stage`)."""
@@ -155,7 +166,8 @@ def _teacher_forward_plans(recipe, specs, runtime, batch, seq_len, compute, stag
                                      note="GGUF not converted yet: its conversion sets the peak")
             continue
         plan = plan_stage([(spec.name, info["folder"], spec.dtype, info["folder"])], stage, batch, seq_len, runtime,
-                          activation_dtype=forward_dtype(compute, spec.dtype), sliced_head=sliced_head)
+                          activation_dtype=forward_dtype(compute, spec.dtype), sliced_head=sliced_head,
+                          position_slices=position_slices)
         plans[spec.name] = _plan(stage, plan["components"], batch=batch, seq_len=seq_len,
                                  params_from=plan["per_teacher"][spec.name]["params_from"])
     return plans
@@ -184,9 +196,17 @@ def student_budget_params(recipe, teachers) -> int:
     return resolve_budget(b.params, None, b.memory_gb, "total").params
 
 
+def _checkpoint_params(folder) -> int:
+    """Elements of the checkpoint at ``folder``, from its safetensors headers (no weights loaded)."""
+    params = safetensors_numel(folder)
+    if params is None:
+        raise MemoryPlanError(f"cannot plan memory for {folder}: no *.safetensors weights there")
+    return params
+
+
 def _student_params(recipe, student, profile):
     if student is not None:
-        return safetensors_numel(student), "the student's safetensors headers"
+        return _checkpoint_params(student), "the student's safetensors headers"
     return student_budget_params(recipe, _tower_teachers(recipe, profile)), "the student budget (not built yet)"
 
 
@@ -214,7 +234,21 @@ def _nexus_activations(config, batch, seq_len, backward):
     return worst + (3 if backward else 1) * logits
 
 
+def _is_nexus(folder) -> bool:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MemoryPlanError(f"cannot plan memory for {folder}: no config.json (not a checkpoint folder)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type") == "nexus"
+    except ValueError:
+        raise MemoryPlanError(f"cannot plan memory for {folder}: config.json is not valid JSON") from None
+
+
 def _student_config(student):
+    """The student's config: a `NexusConfig` for a Nexus checkpoint, else (validate scores plain HF students too)
+    its HF config."""
+    if not _is_nexus(student):
+        return load_config(student)
     from ..modeling_nexus import NexusConfig
 
     return NexusConfig.from_pretrained(student)
@@ -288,7 +322,10 @@ def plan_distill_ram(recipe, runtime, profile=None, student=None):
     rows = int(sum(tokens[c] * len(ts) for c, ts in teachers_of.items()) * (1 + options.heldout_fraction)
                * (options.top_k * TOPK_BYTES + ROW_BYTES_PER_TOKEN))
     if student is not None:
-        activations = _nexus_activations(_student_config(student), options.batch_size, options.seq_len, True)
+        config = _student_config(student)
+        activations = (_nexus_activations(config, options.batch_size, options.seq_len, True)
+                       if config.model_type == "nexus" else _training_activations(config, options.batch_size,
+                                                                                  options.seq_len))
     else:
         proxy = _proxy_config(recipe, [t for ts in teachers_of.values() for t in ts])
         activations = _training_activations(proxy, options.batch_size, options.seq_len) if proxy else 0
@@ -300,22 +337,35 @@ def plan_distill_ram(recipe, runtime, profile=None, student=None):
     unique = {t.name: t for ts in teachers_of.values() for t in ts}
     seq = options.chunk_chars + 2  # a chunk of ~chunk_chars characters, with BOS/EOS
     for name, plan in _teacher_forward_plans(recipe, unique.values(), runtime, options.cache_batch_size, seq, "auto",
-                                             "distill").items():
+                                             "distill", position_slices=True).items():
         plans[f"caching {name}"] = _plan("distill", {**plan["components"], "student_fp32": 4 * params,
                                                      "aligned_rows": rows})
     return _largest(plans, "distill", student_params=params, student_params_from=params_from,
                     tokens_per_capability=tokens)
 
 
+def validate_loads_teachers(recipe) -> bool:
+    """Whether validate will load teachers: not when it reuses a matching profile's per-item scores and has no CKA
+    to compute (with CKA on, any teacher tokenising like the student is loaded: planned as all of them)."""
+    from .validate import profile_matches
+
+    validate = recipe.stage("validate")
+    return validate.cka or not (validate.reuse_profile and profile_matches(recipe))
+
+
 def plan_validate_ram(recipe, runtime, profile=None, student=None):
     validate, prof = recipe.stage("validate"), recipe.stage("profile")
-    plans = _teacher_forward_plans(recipe, _eligible(recipe), runtime, prof.batch_size, prof.window_tokens,
-                                   prof.compute, "validate")
+    plans = (_teacher_forward_plans(recipe, _eligible(recipe), runtime, prof.batch_size, prof.window_tokens,
+                                    prof.compute, "validate") if validate_loads_teachers(recipe) else {})
     params, params_from = _student_params(recipe, student, profile)
     if student is not None:
         config = _student_config(student)
-        acts = _nexus_activations(config, prof.batch_size, prof.window_tokens, False)
-        hidden = sum(len(s["layers"]) * s["hidden_size"] for s in config.towers)
+        if config.model_type == "nexus":
+            acts = _nexus_activations(config, prof.batch_size, prof.window_tokens, False)
+            hidden = sum(len(s["layers"]) * s["hidden_size"] for s in config.towers)
+        else:
+            acts = forward_activation_bytes(config, prof.batch_size, prof.window_tokens, "fp32")["total"]
+            hidden = config.num_hidden_layers * config.hidden_size
         tok = tokenizer_bytes(student)["resident"]
     else:
         proxy = _proxy_config(recipe, _tower_teachers(recipe, profile))
@@ -329,13 +379,31 @@ def plan_validate_ram(recipe, runtime, profile=None, student=None):
     plan = _largest(plans, "validate", student_params=params, student_params_from=params_from)
     plan["components"]["cka_hidden_states"] = cka
     plan["total_bytes"] += cka
+    # before anything is scored, validate loads each teacher's tokenizer in turn to compare tokenisations
+    peaks = {spec.name: tokenizer_bytes(info["folder"])["load_peak"]
+             for spec in _eligible(recipe) if (info := teacher_footprint(recipe, spec))["folder"] is not None}
+    if peaks:
+        name = max(peaks, key=peaks.get)
+        check = _plan("validate", {"runtime": runtime, "teacher_tokenizer_load_peak": peaks[name]})
+        plan["per_model"][f"tokenizer check {name}"] = check["total_bytes"]
+        if check["total_bytes"] > plan["total_bytes"]:
+            plan = {**check, "assumptions": {**plan["assumptions"], **check["assumptions"],
+                                             "peak": f"tokenizer check {name}"}, "per_model": plan["per_model"]}
     return plan
 
 
-def plan_export_ram(recipe, runtime, profile=None, student=None):
-    params, params_from = _student_params(recipe, student, profile)
+def _export_plan(runtime, params, params_from):
     return _plan("export", {"runtime": runtime, "student_fp32": 4 * params, "serialised_copy": 4 * params},
                  student_params=params, student_params_from=params_from)
+
+
+def plan_export_ram(recipe, runtime, profile=None, student=None):
+    return _export_plan(runtime, *_student_params(recipe, student, profile))
+
+
+def plan_checkpoint_export_ram(src, runtime):
+    """`plan_export_ram` without a recipe (`nexus export SRC OUT`): the checkpoint at ``src``, from its headers."""
+    return _export_plan(runtime, _checkpoint_params(src), "the checkpoint's safetensors headers")
 
 
 for _name, _planner in (("profile", plan_profile_ram), ("student_build", plan_student_build_ram),

@@ -160,8 +160,13 @@ def resolve_teacher_folder(path, allow_pickle=False, cache_root=None, dtype=None
     return Path(path)
 
 
-def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_code=False, cache_root=None):
-    """Load (model, tokenizer) for a teacher; the tokenizer must exist alongside the weights."""
+def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_code=False, cache_root=None,
+                 with_tokenizer=True):
+    """Load (model, tokenizer) for a teacher; the tokenizer must exist alongside the weights.
+
+    ``with_tokenizer=False``: (model, None), for a caller that holds the tokenizer already (a 262k-token tokenizer
+    costs ~320 MiB resident and more while it parses: loading it twice raised the distill stage's peak by that much).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_teacher_folder(path, allow_pickle, cache_root, dtype=dtype)
@@ -170,7 +175,7 @@ def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_co
         raise TeacherSourceError(
             f"teacher {path} needs remote code (auto_map in config.json); refusing it unless trust_remote_code is set"
         )
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code) if with_tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, use_safetensors=not allow_pickle or any(Path(folder).glob("*.safetensors")),
         trust_remote_code=trust_remote_code,

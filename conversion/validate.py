@@ -327,6 +327,10 @@ def plan_validate(recipe: Recipe, student, checkpoints=(), feature_map=None, lmc
         folder = resolve_teacher_folder(teacher.source, teacher.allow_pickle, recipe.cache_dir)
         tokenizer = load_tokenizer(folder, trust_remote_code=teacher.trust_remote_code)
         teacher_tokens[teacher.name] = {cap: _token_strings(tokenizer, _texts(probes[cap])) for cap in caps}
+        del tokenizer  # a 262k-token tokenizer holds ~320 MiB: gone before the models are scored
+    from .peak_rss import release_freed_memory
+
+    release_freed_memory()
     same = {cap: {t: bool(_texts(probes[cap])) and toks[cap] == token_strings["student"][cap]
                   for t, toks in teacher_tokens.items() if cap in toks} for cap in probes}
     phase_same = {name: {cap: {t: toks[cap] == token_strings[f"checkpoint {name}"][cap]
@@ -388,13 +392,21 @@ def _cka_caps(plan, teacher=None):
     return [c for c in same if (any(same[c].values()) if teacher is None else same[c].get(teacher))]
 
 
+def profile_matches(recipe) -> bool:
+    """True when ``runs/<name>/profile`` holds a profile whose inputs equal the recipe's now (its manifest only)."""
+    try:
+        manifest = json.loads((recipe.run_path / "profile" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("inputs_digest") == _digest(profile_inputs(recipe))
+
+
 def _load_profile_items(recipe):
     """(profile.json, items.json) of a profile whose inputs equal the recipe's now, else (None, None)."""
     folder = recipe.run_path / "profile"
+    if not profile_matches(recipe):
+        return None, None
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("inputs_digest") != _digest(profile_inputs(recipe)):
-            return None, None
         return json.loads((folder / "profile.json").read_text()), json.loads((folder / "items.json").read_text())
     except (OSError, ValueError):
         return None, None

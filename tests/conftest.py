@@ -3,6 +3,7 @@
 Nothing here downloads: configs are built in code, weights are random, tokenizers are built from a character list.
 """
 
+import os
 import string
 
 import pytest
@@ -18,6 +19,10 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+# The suite's tolerances are for fp32 compute: on a CPU with native bf16 matmuls every "auto" would autocast to bf16.
+# Set before anything runs (session fixtures, CLI subprocesses inherit it); tests of the bf16 paths set it to 1.
+os.environ["NEXUS_NATIVE_BF16"] = "0"
 
 TINY_VOCAB = 97
 _COMMON = dict(

@@ -32,6 +32,8 @@ from nexus.cli import app
 
 # transformers' own "Loading weights: 30/30" bar (tqdm, on stderr) is progress, not part of the error; see the report
 PROGRESS_NOISE = re.compile(r"^Loading weights: +\d+%\|")
+# the stage's memory plan (stage_ram_guard), printed before the stage starts: information, not part of the error
+PLAN_LINE = re.compile(r"^memory plan, \w+: peak RAM .*; budget [\d,]+ MiB$")
 FAST_PROFILE = {"max_items": 4, "n_bootstrap": 50, "window_tokens": 32, "batch_size": 4, "compute": "native"}
 FAST_COMPRESS = {"calibration_tokens": 64, "selection_tokens": 32, "window_tokens": 16}
 
@@ -593,7 +595,8 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(case_fn, llama_dir, tmp
         if case.argv is not None:
             result = CliRunner().invoke(app, [str(a) for a in case.argv], env={"COLUMNS": "1000"})
             output = result.output
-            lines = [ln for ln in output.splitlines() if ln.strip() and not PROGRESS_NOISE.match(ln)]
+            lines = [ln for ln in output.splitlines()
+                     if ln.strip() and not PROGRESS_NOISE.match(ln) and not PLAN_LINE.match(ln)]
             assert "Traceback" not in output, output
             assert result.exit_code == 2, f"exit {result.exit_code}: {output!r} {result.exception!r}"
             assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{output}"

@@ -84,9 +84,12 @@ def test_results_markdown_is_rendered_from_the_json(compared, tmp_path):
     other = tmp_path / "out"
     other.mkdir()
     md_path = tmp_path / "RESULTS.md"
-    text = results.main(["--compare-dir", str(root / "compare"), "--out-dir", str(other), "--md", str(md_path)])
+    no_gemma = tmp_path / "no-gemma"
+    text = results.main(["--compare-dir", str(root / "compare"), "--out-dir", str(other), "--md", str(md_path),
+                         "--gemma-dir", str(no_gemma)])
     assert md_path.read_text() == text
     assert "## 1. Quality at equal budget" in text and "## 2. Ablations" in text and "smoke run" in text
+    assert f"No comparison JSON in `{no_gemma}`" in text
     nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
     for record in (nexus, dense):
         assert record["label"] in text
@@ -111,7 +114,38 @@ def test_results_markdown_is_rendered_from_the_json(compared, tmp_path):
             "baseline": "LlamaForCausalLM", "dims": {"hidden": 64}, "fp32_max_abs_logit_diff": 0.0, "rows": [
                 {"kind": "forward", "precision": "fp32", "hf_tokens_per_s": 100.0, "nexus_tokens_per_s": 105.0,
                  "ratio_nexus_over_hf": 1.05}]}}}))
-    text = results.main(["--compare-dir", str(root / "compare"), "--out-dir", str(other), "--md", str(md_path)])
+    # the Gemma section renders a folder of its own (here the test-scale JSON, flagged as not the gemma scale)
+    text = results.main(["--compare-dir", str(root / "compare"), "--out-dir", str(other), "--md", str(md_path),
+                         "--gemma-dir", str(root / "compare")])
+    gemma_part = text.split("## 1b.")[1].split("## 3.")[0]
+    assert "(expected gemma)" in gemma_part and results.fmt_ci(nexus["min"]) in gemma_part
+    assert "## 2. Ablations" in gemma_part  # the folder holds ablations, so the section shows them
+    assert (tmp_path / "RESULTS_retention_gemma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for key in ("nexus_distill", "1,234", "trl_gkd", "nexus_over_trl", "1.25", "one_teacher", "512",
                 "LlamaForCausalLM", "hidden 64", "1.05"):
         assert key in text, key
+
+
+def test_a_method_that_cannot_meet_the_budget_is_recorded_as_not_feasible(compared, tmp_path, monkeypatch):
+    """Minitron's uniform widths cannot shrink Gemma-3-270M's 18 layers to a 7M-parameter tower: the student build's
+    BudgetError becomes a JSON that says so (and is kept on a rerun), and RESULTS.md lists it with the reason."""
+    compare, root, argv, _ = compared
+    from nexus.conversion.budget import BudgetError
+
+    def refuse(*args, **kwargs):
+        raise BudgetError("budget of 7 params is smaller than the smallest model this allocation can build (9)")
+
+    monkeypatch.setattr(compare, "run_variant", refuse)
+    out = tmp_path / "compare"
+    args = ["--scale", "test", "--out", str(out), "--runs", str(root / "runs"), "--no-progress",
+            "--only", "minitron_kd"]
+    results = compare.main(args)
+    record = json.loads((out / "minitron_kd.json").read_text())
+    assert results["minitron_kd"]["status"] == record["status"] == "not_feasible"
+    assert "smallest model this allocation can build" in record["reason"]
+    before = (out / "minitron_kd.json").read_bytes()
+    compare.main(args)  # not retried: the budget, not the step count, made it infeasible
+    assert (out / "minitron_kd.json").read_bytes() == before
+    text = _load("results").main(["--compare-dir", str(out), "--out-dir", str(tmp_path), "--md",
+                                  str(tmp_path / "R.md"), "--gemma-dir", str(tmp_path / "none")])
+    assert "not feasible" in text and "smallest model this allocation can build" in text

@@ -180,3 +180,19 @@ def test_a_long_context_on_a_gemma_sized_student_is_dominated_by_kv_and_mask():
     assert ok["components"]["weights"] == hf_parameter_count(hf)["total"] * 2
     with pytest.raises(MemoryPlanError, match=r"kv_cache .*MiB.*prefill_attention_mask|prefill_attention_mask .*kv_cache"):
         check_plan(plan_final_model(config, context=131072))
+
+
+def test_the_teacher_cache_head_is_planned_over_position_slices(monkeypatch):
+    """The teacher cache runs the head over full-vocabulary rows, FULL_LOGIT_BUDGET // V positions at a time: the plan
+    counts those rows (the head's output, its fp32 copy and two temporaries), not the probes' vocabulary slices, and
+    never more rows than the batch has positions."""
+    from nexus.conversion.probes import token_scores
+
+    config = LlamaConfig(**{**_COMMON, "vocab_size": 1000})
+    monkeypatch.setattr(token_scores, "FULL_LOGIT_BUDGET", 10 * 1000)  # 10 positions per slice
+    sliced = forward_activation_bytes(config, 4, 50, "bf16", sliced_head=True, position_slices=True)
+    assert sliced["logits"] == 3 * 10 * 1000 * 4 + 10 * 1000 * 2
+    few = forward_activation_bytes(config, 1, 3, "fp32", sliced_head=True, position_slices=True)
+    assert few["logits"] == 3 * 3 * 1000 * 4 + 3 * 1000 * 4
+    vocab_slices = forward_activation_bytes(config, 4, 50, "bf16", sliced_head=True)
+    assert vocab_slices["logits"] != sliced["logits"]

@@ -53,6 +53,14 @@ def test_a_tiny_run_plans_every_stage_from_its_inputs_prints_and_records_the_pla
     assert plans["export"]["components"]["student_fp32"] == 4 * numel(tmp_path / "runs" / "tiny" / "distill" /
                                                                       "student")
     assert plans["student_build"]["assumptions"]["student_budget_params"] == result["build"]["budget"]["params"]
+    # validate reuses the profile's teacher scores (cka off, same inputs): planned without any teacher, unlike the
+    # up-front plan made before the profile existed
+    assert not set(plans["validate"]["per_model"]) & set(two_teachers)
+    assert set(two_teachers) <= set(memory["upfront"]["validate"]["per_model"])
+    assert "teacher_weights" not in plans["validate"]["components"]
+    # ... but it loads each teacher's tokenizer to compare tokenisations: the largest one's parse peak is planned
+    checks = [k for k in plans["validate"]["per_model"] if k.startswith("tokenizer check ")]
+    assert len(checks) == 1 and checks[0].removeprefix("tokenizer check ") in two_teachers
     written = json.loads((tmp_path / "runs" / "tiny" / "memory_plan.json").read_text())
     assert written["plans"]["distill"]["total_bytes"] == plans["distill"]["total_bytes"]
     text = console.export_text()
@@ -106,3 +114,111 @@ def test_stage_planners_are_a_registry_refusing_duplicates():
     assert list(STAGE_RAM_PLANS) == STAGES
     with pytest.raises(ValueError, match="'distill' already has a RAM planner"):
         register_stage_ram_plan("distill", lambda *a, **k: None)
+
+
+# ---------------------------------------------------------------- the stand-alone stage commands
+
+
+WIDE = {"COLUMNS": "2000"}  # one rich line per message, whatever its length
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from nexus.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=WIDE)
+
+
+def _error_lines(output):
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def imported_student(two_teachers, tmp_path_factory):  # noqa: F811
+    """A one-tower Nexus checkpoint of ``llama_char`` (a student for validate / distill --student-init / export)."""
+    from nexus.conversion.teacher_import import import_teacher
+
+    return import_teacher(two_teachers["llama_char"], tmp_path_factory.mktemp("student") / "llama_char")
+
+
+def _with_profile(recipe):
+    from test_distill_stage import PROFILE
+
+    folder = recipe.run_path / "profile"
+    folder.mkdir(parents=True)
+    (folder / "profile.json").write_text(json.dumps(PROFILE))
+
+
+def refuse_profile(recipe, student, tmp_path):
+    return ["profile", tmp_path / "recipe.yaml", "--quiet"], "profile", [tmp_path / "runs"]
+
+
+def refuse_student_build(recipe, student, tmp_path):
+    _with_profile(recipe)
+    return (["distill", tmp_path / "recipe.yaml", "--quiet"], "student_build",
+            [recipe.run_path / "student_build", recipe.run_path / "distill"])
+
+
+def refuse_distill(recipe, student, tmp_path):
+    _with_profile(recipe)
+    return (["distill", tmp_path / "recipe.yaml", "--student-init", student, "--quiet"], "distill",
+            [recipe.run_path / "distill"])
+
+
+def refuse_validate(recipe, student, tmp_path):
+    return ["validate", tmp_path / "recipe.yaml", student, "--quiet"], "validate", [tmp_path / "runs"]
+
+
+def refuse_export(recipe, student, tmp_path):
+    return ["export", student, tmp_path / "exported", "--ram-gb", "0.001"], "export", [tmp_path / "exported"]
+
+
+@pytest.mark.parametrize("case", [refuse_profile, refuse_student_build, refuse_distill, refuse_validate,
+                                  refuse_export], ids=lambda c: c.__name__.removeprefix("refuse_"))
+def test_each_stage_command_refuses_a_stage_over_budget_with_one_line_and_writes_nothing(
+        case, two_teachers, imported_student, tmp_path):  # noqa: F811
+    recipe = recipe_with(two_teachers, tmp_path, ram_gb=0.001)
+    args, stage, never_written = case(recipe, imported_student, tmp_path)
+    out = _cli(*args)
+    assert out.exit_code == 2, out.output
+    assert "Traceback" not in out.output
+    errors = _error_lines(out.output)
+    assert len(errors) == 1, out.output
+    assert errors[0].startswith(f"error: stage {stage}: planned peak RAM") and "exceeds the budget of 1 MiB" in errors[0]
+    assert ("memory.ram_gb = 0.001 GiB" if stage != "export" else "--ram-gb 0.001 GiB") in errors[0]
+    for path in never_written:
+        assert not path.exists(), path
+
+
+def test_each_stage_command_plans_its_stage_and_runs_within_the_budget(two_teachers, tmp_path):  # noqa: F811
+    recipe = recipe_with(two_teachers, tmp_path)
+    run = recipe.run_path
+    expected = {"profile": ["profile"], "distill": ["student_build", "distill"], "validate": ["validate"],
+                "export": ["export"]}
+    outputs = {
+        "profile": _cli("profile", tmp_path / "recipe.yaml", "--quiet"),
+        "distill": _cli("distill", tmp_path / "recipe.yaml", "--quiet"),
+        "validate": _cli("validate", tmp_path / "recipe.yaml", run / "distill" / "student", "--quiet"),
+        "export": _cli("export", run / "distill" / "student", tmp_path / "exported"),
+    }
+    for command, out in outputs.items():
+        assert out.exit_code == 0, (command, out.output)
+        for stage in expected[command]:
+            assert re.search(rf"^memory plan, {stage}: peak RAM [\d,]+ MiB \(.*runtime.*\); budget [\d,]+ MiB$",
+                             out.output, re.M), (stage, out.output)
+    for folder in (run / "profile", run / "student_build", run / "distill" / "student", run / "validate",
+                   tmp_path / "exported"):
+        assert folder.is_dir(), folder
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+def test_the_recipe_less_export_plan_reads_the_checkpoint_headers(imported_student):
+    from nexus.conversion.stage_memory import plan_checkpoint_export_ram
+    from nexus.conversion.stage_ram_guard import export_ram_budget
+
+    plan = plan_checkpoint_export_ram(imported_student, 0)
+    assert plan["stage"] == "export" and plan["components"]["student_fp32"] == 4 * numel(imported_student)
+    assert plan["total_bytes"] == 8 * numel(imported_student)
+    assert export_ram_budget() == (machine_ram_bytes(), "the machine's total RAM")
+    assert export_ram_budget(0.5) == (2**29, "--ram-gb 0.5 GiB")

@@ -158,11 +158,9 @@ def resolve_autocast(choice, device_type="cpu"):
         return choice
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "off"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "off"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "off"
+    from nexus.conversion.probes.compute_mode import native_bf16_matmul
+
+    return "bf16" if native_bf16_matmul() else "off"
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -117,8 +117,12 @@ def data_fingerprint(windows):
 
 
 def cache_key(teacher_fingerprint, data_fp, settings: CacheSettings):
+    """The cache's identity: teacher, data, settings, and whether this CPU multiplies bf16 natively (the forward's
+    "auto" compute follows it, so a cache built in bf16 is not reused where fp32 would be computed)."""
+    from nexus.conversion.probes.compute_mode import native_bf16_matmul
+
     blob = json.dumps({"format": CACHE_FORMAT_VERSION, "teacher": teacher_fingerprint, "data": data_fp,
-                       **settings.model_dump(mode="json")}, sort_keys=True)
+                       "native_bf16": native_bf16_matmul(), **settings.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -319,6 +323,7 @@ def _teacher_outputs(model, windows, settings, batch_size):
     without native bf16 matmuls (about 7x faster there). The outputs go to disk, so their inference-mode flag never
     reaches a loss.
     """
+    from nexus.conversion.peak_rss import release_freed_memory
     from nexus.conversion.probes.compute_mode import compute_context
     from nexus.conversion.probes.token_scores import FULL_LOGIT_BUDGET, _sliced_head_layout
 
@@ -375,9 +380,13 @@ def _teacher_outputs(model, windows, settings, batch_size):
                     parts[1].append(indices.to(torch.int32).cpu())
                     parts[2].append(torch.logsumexp(row, dim=-1).cpu())
                     del row
-                out.append((torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]),
-                            {L: h[r, :n].to(hidden_dtype).cpu() for L, h in hidden.items()}))
+                with torch.autocast(device.type, enabled=False):  # autocast's cat refuses fp16 parts under bf16
+                    out.append((torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]),
+                                {L: h[r, :n].to(hidden_dtype).cpu() for L, h in hidden.items()}))
         del res, states
+        # hand the batch's freed temporaries (logit slices of up to FULL_LOGIT_BUDGET floats) back to the OS: between
+        # the small outputs kept per window, glibc otherwise keeps them and RSS grew ~1.2 MiB per window on Gemma-3-270M
+        release_freed_memory()
     return out
 
 

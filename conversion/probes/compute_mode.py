@@ -14,17 +14,29 @@ Modes:
 """
 
 import contextlib
+import os
 import types
 
 import torch
 import torch.nn.functional as F
 
 COMPUTE_MODES = ("auto", "bf16", "fp32", "native")
+FORCE_ENV = "NEXUS_NATIVE_BF16"
 ROW_SLICE_ELEMENTS = 16 * 1024 * 1024  # a weight bigger than this is cast (and multiplied) in slices of rows
 
 
 def native_bf16_matmul() -> bool:
-    """True when this CPU has native bf16 matmuls (oneDNN reports AVX512-BF16 / AMX support)."""
+    """True when this CPU has native bf16 matmuls (oneDNN reports AVX512-BF16 / AMX support).
+
+    ``NEXUS_NATIVE_BF16=0`` or ``1`` overrides the detection (everything ``auto`` then follows it: the probes'
+    compute mode, the teacher cache, distillation's autocast, the memory plans), e.g. to get fp32 numbers on a bf16
+    CPU; the test suite sets 0 so its tolerances do not depend on the machine it runs on.
+    """
+    forced = os.environ.get(FORCE_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{FORCE_ENV}={forced!r}: use 0 (no native bf16) or 1 (native bf16), or unset it")
+        return forced == "1"
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

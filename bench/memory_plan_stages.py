@@ -87,7 +87,9 @@ from nexus.conversion.peak_rss import current_rss, peak_rss, reset_peak_rss
 from nexus.conversion.profile import load_profile
 from nexus.conversion.stage_memory import STAGE_RAM_PLANS
 run_dir = Path({runs!r})
-recipe = cm.variant_recipe(cm.base_raw_recipe({{}}, run_dir, {scale!r}, {steps}), cm.VARIANTS[{variant!r}], run_dir)
+teachers = cm.specialist_folders({scale!r}, cm.DEFAULT_TEACHERS, run_dir, False)  # {{}} for a recipe-file scale
+recipe = cm.variant_recipe(cm.base_raw_recipe(teachers, run_dir, {scale!r}, {steps}), cm.VARIANTS[{variant!r}],
+                           run_dir)
 vdir = recipe.run_path / "variants" / {variant!r}
 profile = load_profile(recipe.run_path)
 stage = {stage!r}
@@ -123,8 +125,10 @@ def fresh_stage_row(folder: Path, stage: str, variant="nexus") -> dict | None:
     runs = Path(record["paths"]["student_build"]).parents[3]  # <runs>/compare/variants/<variant>/student_build
     code = STAGE_CHILD.format(bench=str(HERE), runs=str(runs), scale=record["scale"], steps=record["train"]["steps"],
                               variant=variant, stage=stage)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(f"{stage} of {path} in a fresh child failed:\n{done.stderr[-3000:]}")
     got = json.loads(done.stdout.strip().splitlines()[-1])
     plan = got["plan"]
     return {"scale": record["scale"], "variant": f"{variant} (fresh child)", "stage": stage,

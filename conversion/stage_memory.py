@@ -18,7 +18,7 @@ profile        one teacher at a time (`memory_plan.plan_stage`): weights in its 
                dequantisation (fp32 model + fp32 state dict + the file)
 student_build  per tower teacher: the fp32 teacher and its Nexus import (2 x fp32) + the calibration pass's gradients
                (fp32) and activations (every layer kept for backward, compress's batch of 2 x window_tokens) + its
-               tokenizer + the student so far (budget x fp32)
+               tokenizer + the student so far (budget x fp32); ``layout: dense``: the random-init student alone
 distill        the larger of caching (student fp32 + one teacher + its forward of cache_batch_size x one chunk, the
                head over a few positions at a time for the families `teacher_cache` slices, else full logits) and training (student x 16 bytes: weights, gradients, two AdamW moments; + preservation's
                importance and anchor; + activations of batch_size x seq_len with backward; + LMC's two extra
@@ -278,6 +278,9 @@ def plan_student_build_ram(recipe, runtime, profile=None, student=None):
     options = recipe.stage("student_build")
     teachers = _tower_teachers(recipe, profile)
     student_params = student_budget_params(recipe, teachers)
+    if options.layout == "dense":  # one random-init tower built from a config: no teacher is loaded
+        return _plan("student_build", {"runtime": runtime, "student_fp32": 4 * student_params},
+                     student_budget_params=student_params, tower_teachers=[], layout="dense")
     plans = {}
     for spec in teachers:
         info = teacher_footprint(recipe, spec)

@@ -4,8 +4,7 @@ import typer
 from rich.console import Console
 
 from .errors import clean_errors
-
-GATE_FAILED = 3  # the same exit code as `nexus validate`
+from .gate_exit import exit_if_gate_failed
 
 
 def consolidate(
@@ -21,6 +20,4 @@ def consolidate(
         done = run_consolidate(load_recipe(recipe), console=console, show_progress=not quiet)
     report = done["report"]
     console.print(f"wrote {done['export']['path']} (report {report['path']})")
-    gate = report.get("gate") or {}
-    if gate.get("passed") is False:
-        raise typer.Exit(GATE_FAILED)
+    exit_if_gate_failed(report.get("gate"))

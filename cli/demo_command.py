@@ -4,6 +4,7 @@ import typer
 from rich.console import Console
 
 from .errors import clean_errors
+from .gate_exit import exit_if_gate_failed
 
 
 def demo(
@@ -14,8 +15,12 @@ def demo(
                                                       "its numbers mean nothing)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
-    """Train three specialists, profile them, build and distil one multi-tower student, validate it, export it."""
+    """Train three specialists, profile them, build and distil one multi-tower student, validate it, export it.
+
+    Exit codes as `nexus validate`: 0 = the gate passed, 2 = bad input, 3 = the gate failed (failing capabilities last).
+    """
     from .conversion.demo import run_demo
 
     with clean_errors():
-        run_demo(out, teachers_dir=teachers, console=Console(), show_progress=not quiet, scale=scale)
+        summary = run_demo(out, teachers_dir=teachers, console=Console(), show_progress=not quiet, scale=scale)
+    exit_if_gate_failed(summary["gate"])

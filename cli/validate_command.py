@@ -8,8 +8,7 @@ import typer
 from rich.console import Console
 
 from .errors import clean_errors
-
-GATE_FAILED = 3
+from .gate_exit import GATE_FAILED, exit_if_gate_failed  # noqa: F401  (GATE_FAILED: re-exported)
 
 
 def validate(
@@ -48,9 +47,4 @@ def validate(
     if report.get("reused"):
         console.print("[dim]inputs unchanged since the last validation: reused it (--force to redo)[/]")
     console.print(f"wrote {report['path']}")
-    result = report["gate"]
-    if result["requested"] and not result["passed"]:
-        failed = ", ".join(result["failed"]) or result.get("capability") or "?"
-        Console(stderr=True).print(f"[bold red]gate failed:[/] {result['reason']}; capabilities below "
-                                   f"{result['threshold']}: {failed}", highlight=False)
-        raise typer.Exit(GATE_FAILED)
+    exit_if_gate_failed(report["gate"])

@@ -30,6 +30,17 @@ from transformers.modeling_utils import PreTrainedModel
 from .configuration_nexus import NexusConfig
 from .registry import register, resolve
 
+# transformers renamed the cache argument and output field from ``past_key_values`` to ``cache`` during 5.x (5.25 passes
+# ``cache=`` from ``generate``). Nexus accepts both names and returns the cache under the installed version's name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    """The cache passed under either name; both at once is a caller error."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as cache= or past_key_values=, not both")
+    return cache if cache is not None else past_key_values
+
 # ----------------------------------------------------------------------------------------------------------- norms
 
 
@@ -364,7 +375,7 @@ class NexusPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["NexusDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module):
@@ -423,14 +434,16 @@ class NexusModel(NexusPreTrainedModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         output_hidden_states=None,
         tower=None,
         capability=None,
+        past_key_values=None,
         **kwargs,
     ):
+        past_key_values = _one_cache(cache, past_key_values)  # (the name used below, whichever the caller passed)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -479,7 +492,7 @@ class NexusModel(NexusPreTrainedModel):
             all_hidden = tuple(all_hidden) + (hidden_states,)
         return NexusModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden,
             router_logits=router_logits,
             tower_index=routes,
@@ -516,7 +529,7 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -525,13 +538,14 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
         tower=None,
         capability=None,
         return_dict=None,
+        past_key_values=None,
         **kwargs,
     ):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -553,7 +567,7 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
         return NexusCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
             hidden_states=out.hidden_states,
             router_logits=out.router_logits,
             tower_index=out.tower_index,

@@ -205,8 +205,9 @@ def test_consolidate_cli_runs_every_stage_and_a_rerun_reuses_them(two_teachers, 
     assert all(torch.equal(weights[k], after[k]) for k in weights)  # the distilled student was not retrained
 
 
-def consolidate_recipe_file(teachers, root, steps):
-    """A tiny `nexus consolidate` recipe over ``teachers`` (prose and code), written to ``root/recipe.yaml``."""
+def consolidate_recipe_file(teachers, root, steps, **validate):
+    """A tiny `nexus consolidate` recipe over ``teachers`` (prose and code), written to ``root/recipe.yaml``;
+    ``validate`` adds stages.validate options (e.g. ``min_retention``)."""
     import yaml
 
     raw = {
@@ -220,7 +221,7 @@ def consolidate_recipe_file(teachers, root, steps):
                               "calibration_tokens": 64, "window_tokens": 32},
             "distill": {"steps": steps, "batch_size": 2, "tokens": 300, "chunk_chars": 100, "seq_len": 32,
                         "checkpoint_every": 1, "lmc_points": 2, "top_k": 4, "cache_batch_size": 4},
-            "validate": {"cka": False},
+            "validate": {"cka": False, **validate},
         },
     }
     root.mkdir(parents=True, exist_ok=True)

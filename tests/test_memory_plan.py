@@ -13,6 +13,7 @@ from nexus.conversion.memory_plan import (DEFAULT_FINAL_BUDGET_BYTES, MemoryPlan
                                           forward_activation_bytes, hf_parameter_count, kv_cache_bytes,
                                           meta_parameter_count, plan_final_model, plan_stage, teacher_weight_bytes)
 from nexus.conversion.structured_prune import PrunePlan, TowerPlan, apply_prune_plan
+from nexus.modeling_nexus.modeling_nexus import CACHE_FIELD
 from nexus.conversion.teacher_import import nexus_from_teacher
 
 
@@ -76,9 +77,10 @@ def test_planned_kv_cache_equals_the_measured_dynamic_cache(family, prune):
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=0)
     context = prompt + new - 1  # the last generated token is never fed back
-    assert out.past_key_values.get_seq_length() == context
+    cache = getattr(out, CACHE_FIELD)  # (``cache`` or ``past_key_values``, by the installed transformers)
+    assert cache.get_seq_length() == context
     planned = kv_cache_bytes(model.config, context, batch=2, dtype=torch.float32)
-    assert planned == _cache_bytes(out.past_key_values)
+    assert planned == _cache_bytes(cache)
 
 
 def test_sliding_windows_are_respected_when_the_cache_trims_them():
@@ -88,7 +90,7 @@ def test_sliding_windows_are_respected_when_the_cache_trims_them():
     nexus = nexus_from_teacher(teacher)
     ids = torch.randint(6, 97, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        cache = teacher(ids, use_cache=True, past_key_values=DynamicCache(config=teacher.config)).past_key_values
+        cache = getattr(teacher(ids, use_cache=True, **{CACHE_FIELD: DynamicCache(config=teacher.config)}), CACHE_FIELD)
     record = 2 * 1 * 9 * 4
     trimmed = kv_cache_bytes(nexus.config, 9, batch=1, dtype="fp32", sliding_cache=True)
     assert trimmed - record == _cache_bytes(cache)

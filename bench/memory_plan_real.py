@@ -165,7 +165,7 @@ def main():
         rows.append({"row": name, "plan_bytes": planned[name], "measured_bytes": measured[name], "ratio": ratio})
         table.add_row(name, f"{planned[name] / 2**20:,.0f}", f"{measured[name] / 2**20:,.0f}", f"{ratio:.3f}")
     console.print(table)
-    console.print(f"plan components (forward phase): " + ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in c.items()))
+    console.print("plan components (forward phase): " + ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in c.items()))
     console.print(f"activations: logits {p['activations']['logits'] / 2**20:,.0f} MiB (measured tensor "
                   f"{m['forward']['logits_bytes'] / 2**20:,.0f} MiB), layer working set "
                   f"{p['activations']['layer_working_set'] / 2**20:,.0f} MiB")

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .atomic_output import atomic_dir, atomic_file
+from .atomic_output import atomic_dir, atomic_file, check_output_vs_sources
 from .budget import AllocationOptions, BudgetError, allocate, config_parameter_count, resolve_budget
 from .calibration import calibration_text, token_windows
 from .decoder_units import DecoderUnits
@@ -373,10 +373,12 @@ def _kept_record(alloc, units):
     return {"hidden_channels": alloc.plan.hidden_channels, "layers": layers}
 
 
-def write_compressed(student, tokenizer, record, out, overwrite=True):
-    """Write the checkpoint + tokenizer + ``compress.json`` into ``out`` atomically; returns the record."""
+def write_compressed(student, tokenizer, record, out, overwrite=True, sources=()):
+    """Write the checkpoint + tokenizer + ``compress.json`` into ``out`` atomically; returns the record.
+
+    ``sources``: paths the compression read (see `atomic_dir`); an ``out`` overlapping one is refused."""
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = sorted(tmp.glob("*.safetensors"))
@@ -413,6 +415,7 @@ def run_compress(recipe, console=None, show_progress=True, force=False) -> dict:
     from .feature_map import load_feature_map
     from .probes import probe_class
     from .recipe import write_resolved_recipe
+    from .run_paths import recipe_sources
     from .teacher_import import nexus_from_teacher
     from .teacher_source import load_teacher
 
@@ -436,6 +439,8 @@ def run_compress(recipe, console=None, show_progress=True, force=False) -> dict:
     if not capabilities:
         raise CompressError("no capability has text or JSONL data to calibrate compression on")
     out = recipe.run_path / STAGE
+    sources = {**recipe_sources(recipe), "feature map": fm_path}
+    check_output_vs_sources(out, sources)  # before loading anything
     inputs = compress_inputs(recipe, options, teacher, fm_path)
     manifest = out / "compress.json"
     if not force and manifest.is_file():
@@ -468,7 +473,7 @@ def run_compress(recipe, console=None, show_progress=True, force=False) -> dict:
         record["teacher"] = {"name": teacher.name, "source": str(teacher.source)}
         record["feature_map_path"] = str(fm_path) if fm_path else None
         record["inputs_digest"] = _digest(inputs)
-        record = write_compressed(student, student_tok, record, out)
+        record = write_compressed(student, student_tok, record, out, sources=sources)
         write_resolved_recipe(recipe, recipe.run_path)
     except BaseException:
         if not run_existed and recipe.run_path.is_dir() and not any(recipe.run_path.iterdir()):

@@ -97,10 +97,11 @@ def import_is_lossless(folder, n_tokens=256):
     """Max |logit difference| between a teacher and its Nexus import on held-out prose, in fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .load_check import checked_from_pretrained
     from .teacher_import import nexus_from_teacher
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    teacher = checked_from_pretrained(AutoModelForCausalLM, folder, what="teacher", dtype=torch.float32).eval()
     student = nexus_from_teacher(teacher)
     n_tokens = min(n_tokens, teacher.config.max_position_embeddings)
     ids = tokenizer(corpus_text("prose", "heldout")[:4 * n_tokens], return_tensors="pt").input_ids[:, :n_tokens]

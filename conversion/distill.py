@@ -58,7 +58,9 @@ from ..training.distill_losses import DistillLoss, LossMix, next_token_ce
 from ..training.distill_options import PreservationOptions
 from .atomic_output import atomic_dir, atomic_file
 from .json_finite import json_finite
+from .load_check import checked_from_pretrained
 from .recipe import Recipe, register_stage_options
+from .run_paths import recipe_sources
 
 STAGE = "distill"
 SCHEMA = "nexus.distill/1"
@@ -382,6 +384,7 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
     from ..training.teacher_cache import CacheSettings, build_teacher_cache
     from .profile import load_profile
     from .teacher_source import load_teacher, load_tokenizer, resolve_teacher_folder
+    from .tokenizer_roundtrip import check_training_texts
     from .training_text import training_text
 
     start = time.perf_counter()
@@ -396,7 +399,7 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
 
     # ---------------------------------------------------------------- plan (tokenizers only)
     student_tok = load_tokenizer(student_init)
-    model = NexusForCausalLM.from_pretrained(student_init, dtype=torch.float32).eval()
+    model = checked_from_pretrained(NexusForCausalLM, student_init, what="student init", dtype=torch.float32).eval()
     cap_to_tower = model.config.capability_to_tower
     missing = [c.name for c in recipe.capabilities if c.name not in cap_to_tower]
     if missing:
@@ -417,6 +420,8 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         texts[cap.name] = _limit_tokens(train, student_tok, options.tokens)
         held_tokens = None if options.tokens is None else max(1, int(options.tokens * options.heldout_fraction))
         held[cap.name] = _limit_tokens(heldout, student_tok, held_tokens)
+    for name, tok in tokenizers.items():  # before any teacher loads: a lossy tokenizer would teach wrong text
+        check_training_texts(tok, name, {c: texts[c] for c, ts in teachers_of.items() if name in ts}, recipe)
     inputs = distill_inputs(recipe, options, student_init, teachers_of, modes, folders, texts, held)
     digest = _digest(inputs)
     summary_path = out / "distill.json"
@@ -546,7 +551,8 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
     student_path = out / "student"
     model.config.nexus_source = {"stage": STAGE, "init": str(student_init),
                                  "teachers": {c: ts for c, ts in teachers_of.items()}}
-    with atomic_dir(student_path, overwrite=True) as tmp:
+    with atomic_dir(student_path, overwrite=True,
+                    sources={**recipe_sources(recipe), "student init": student_init}) as tmp:
         model.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
     summary = {

@@ -55,6 +55,7 @@ from .localise_spectral import spectral_stage
 from .probes import ProbeSettings, probe_class
 from .probes.base import model_max_positions
 from .recipe import Recipe, register_stage_options, write_resolved_recipe
+from .run_paths import recipe_sources
 
 STAGE = "localise"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -460,7 +461,8 @@ def run_localise(recipe: Recipe, console=None, show_progress=True, force=False, 
                             for c in recipe.capabilities}}
     run_existed = run.exists()
     try:
-        with atomic_dir(out, overwrite=True) as tmp, _progress(console, show_progress) as progress:
+        with atomic_dir(out, overwrite=True, sources=recipe_sources(recipe)) as tmp, \
+                _progress(console, show_progress) as progress:
             for teacher in recipe.teachers:
                 targets, needed, skipped = plan[teacher.name]
                 if not targets:

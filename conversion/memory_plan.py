@@ -92,6 +92,11 @@ def meta_parameter_count(config) -> dict:
         model = AutoModelForCausalLM.from_config(config)
     seen, total, embedding = set(), 0, 0
     emb_ids = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    head = model.get_output_embeddings()
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if (getattr(text_config, "tie_word_embeddings", False) and head is not None
+            and head.weight is not model.get_input_embeddings().weight):
+        seen.add(id(head.weight))  # tied: some transformers 5.x releases do not tie on the meta device
     for p in model.parameters():  # parameters() already skips tied duplicates
         if id(p) in seen:
             continue

@@ -3,7 +3,8 @@
 For each teacher in turn (ONE resident at a time: load in bf16, score every capability it is eligible for, free it
 before the next loads), run each capability's probe. Before any teacher loads, every capability's data is read and
 checked and every teacher's tokenizer is asked whether it can be scored at all (e.g. a character tokenizer that maps
-prose to ``<unk>`` cannot), so bad input fails in seconds and leaves nothing behind.
+prose to ``<unk>`` cannot) and, where it can, whether it decodes a sample of the text back unchanged
+(`tokenizer_roundtrip`), so bad input fails in seconds and leaves nothing behind.
 
 Writes ``runs/<name>/profile/``:
 
@@ -41,7 +42,9 @@ from .peak_rss import current_rss, peak_rss, release_freed_memory, reset_peak_rs
 from .probes import ProbeDataError, ProbeSettings, probe_class
 from .probes.data_source import ARITHMETIC_HELDOUT_SEED, ARITHMETIC_ITEMS, is_bundled, parse_bundled
 from .recipe import Recipe, register_stage_options, write_resolved_recipe
+from .run_paths import recipe_sources
 from .teacher_source import TeacherSourceError, load_teacher, load_tokenizer, resolve_teacher_folder
+from .tokenizer_roundtrip import check_roundtrip
 
 STAGE = "profile"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -111,10 +114,12 @@ def plan_profile(recipe: Recipe, probes: dict) -> tuple[dict, dict]:
                                      "in config.json); refusing it unless trust_remote_code is set")
         tokenizer = load_tokenizer(folder, trust_remote_code=teacher.trust_remote_code)
         for cap in caps:
-            reason = probes[cap.name].cannot_score(tokenizer, config)
+            probe = probes[cap.name]
+            reason = probe.cannot_score(tokenizer, config)
             if reason:
                 skipped[cap.name][teacher.name] = reason
-            else:
+            else:  # a tokenizer that loses characters of the text would be scored on text it never saw
+                check_roundtrip(tokenizer, probe.roundtrip_texts(), teacher.name, cap.name, probe.unk_tolerance())
                 plan[teacher.name].append(cap.name)
         del tokenizer
         release_freed_memory()
@@ -389,7 +394,7 @@ def _write_run(run, out, recipe, args):
     if not run.exists():
         parent_existed = run.parent.exists()
         try:
-            with atomic_dir(run) as tmp:  # a failure removes the whole new run folder
+            with atomic_dir(run, sources=recipe_sources(recipe)) as tmp:  # a failure removes the new run folder
                 write_resolved_recipe(recipe, tmp)
                 profile = _profile_into(tmp / STAGE, *args)
         except BaseException:
@@ -397,7 +402,7 @@ def _write_run(run, out, recipe, args):
                 run.parent.rmdir()
             raise
     else:
-        with atomic_dir(out, overwrite=True) as tmp:
+        with atomic_dir(out, overwrite=True, sources=recipe_sources(recipe)) as tmp:
             profile = _profile_into(tmp, *args)
         write_resolved_recipe(recipe, run)
     return {**profile, "path": str(out), "reused": False}

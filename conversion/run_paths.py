@@ -16,6 +16,12 @@ class RunPathError(ValueError):
     """A path from a recipe would write outside its run folder; the message names the field and the value."""
 
 
+def is_within(path, root) -> bool:
+    """``path`` is ``root`` or lies below it; both are compared as given (resolve them first to follow symlinks)."""
+    path, root = Path(path), Path(root)
+    return path == root or root in path.parents
+
+
 def _where(field):
     return f"{field}: " if field else ""
 
@@ -41,9 +47,15 @@ def safe_run_path(run_root, relative, field=None) -> Path:
         raise RunPathError(f"{where}path {text!r} contains '..'; outputs must stay inside the run folder {run_root}")
     root = Path(run_root).expanduser().resolve()
     target = (root / text).resolve()  # follows every symlink that exists along the way
-    if target != root and root not in target.parents:
+    if not is_within(target, root):
         raise RunPathError(f"{where}path {text!r} resolves to {target}, outside the run folder {root} "
                            "(a symlink points out of it)")
     if target == root:
         raise RunPathError(f"{where}path {text!r} is the run folder itself; name a file or folder inside it")
     return target
+
+
+def recipe_sources(recipe) -> dict:
+    """{role: path} a recipe's stages read from outside their own outputs (its teachers): pass it as
+    ``atomic_dir(..., sources=...)`` so a stage output never replaces, holds or sits inside a teacher."""
+    return {f"teacher {t.name}": t.source for t in recipe.teachers}

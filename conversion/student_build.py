@@ -62,8 +62,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..modeling_nexus import NexusConfig, NexusForCausalLM
-from .atomic_output import atomic_dir, atomic_file
+from .atomic_output import atomic_dir, atomic_file, check_output_vs_sources
 from .budget import Budget, config_parameter_count, resolve_budget
+from .load_check import checked_load_state_dict
 from .recipe import Recipe, register_stage_options
 
 STAGE = "student_build"
@@ -198,8 +199,11 @@ def shared_tokenizer(options, texts, recipe, folders):
         raise StudentBuildError(f"stages.student_build.tokenizer: {options.tokenizer!r} is neither 'train_bpe' nor a "
                                 f"teacher; teachers: {', '.join(names)}")
     from .teacher_source import load_tokenizer
+    from .tokenizer_roundtrip import check_training_texts
 
-    return load_tokenizer(folders[options.tokenizer])
+    tokenizer = load_tokenizer(folders[options.tokenizer])
+    check_training_texts(tokenizer, options.tokenizer, texts, recipe)
+    return tokenizer
 
 
 def token_owners(tokenizer, texts, order):
@@ -228,13 +232,19 @@ def _effective_norm(model):
     return w + 1.0 if norm.kind == "gemma_rms" else w
 
 
-def _compress_tower(cap, teacher_name, folder, dtype, text, tower_layer_budget, options, console, show_progress):
-    """Load one teacher, import, compress its layers to ``tower_layer_budget``; returns what the student needs."""
+def _compress_tower(cap, teacher_name, folder, dtype, text, tower_layer_budget, options, console, show_progress,
+                    unk_tolerance=0.0):
+    """Load one teacher, import, compress its layers to ``tower_layer_budget``; returns what the student needs.
+
+    The teacher's tokenizer must round-trip ``text`` (`tokenizer_roundtrip`; ``unk_tolerance``: the fraction of
+    unk tokens the capability's probe accepts)."""
     from .compress import Capability, CompressOptions, compress_model
     from .teacher_import import nexus_from_teacher
     from .teacher_source import load_teacher
+    from .tokenizer_roundtrip import check_roundtrip
 
     teacher, tok = load_teacher(folder, dtype=torch.float32)
+    check_roundtrip(tok, text.chunks, teacher_name, cap, unk_tolerance)
     max_pos = int(getattr(teacher.config, "max_position_embeddings", 2048) or 2048)
     nexus = nexus_from_teacher(teacher, name=cap, capabilities=[cap])
     del teacher
@@ -254,6 +264,7 @@ def _compress_tower(cap, teacher_name, folder, dtype, text, tower_layer_budget, 
         student, _, record = compress_model(nexus, tok, [Capability(cap, calibration, 1.0, text.source)], copts,
                                             budget=budget, console=console, show_progress=show_progress)
         record.pop("vocab", None)
+    info["source"] = str(folder)
     info["tower_spec"] = dict(student.config.towers[0])
     info["tower_state"] = {k: v.detach().clone() for k, v in student.model.towers[0].state_dict().items()}
     info["record"] = {k: v for k, v in record.items() if k in ("allocation", "budget", "params", "keep_fraction",
@@ -345,10 +356,8 @@ def assemble_student(towers, student_tok, hidden_size, order, texts, options):
     with torch.no_grad():
         for t, cap in enumerate(order):
             tower = student.model.towers[t]
-            missing, unexpected = tower.load_state_dict(towers[cap]["tower_state"], strict=False)
-            missing = [k for k in missing if not k.startswith(("in_proj", "out_proj"))]
-            if missing or unexpected:
-                raise RuntimeError(f"tower {cap}: layer copy mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            checked_load_state_dict(tower, towers[cap]["tower_state"], towers[cap].get("source", "(in memory)"),
+                                    what=f"tower {cap!r} from teacher", allow_missing=("in_proj", "out_proj"))
             if tower.in_proj is not None:
                 h = tower.in_proj.weight.shape[0]
                 eye = torch.zeros(h, hidden_size)
@@ -402,16 +411,21 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
                   overwrite=True, inputs_digest=None) -> tuple[Path, dict]:
     """Build the student into ``out`` (atomically); returns (path, record). ``texts``: {cap: TrainingText}
     (default: `training_text` of every capability)."""
+    from .run_paths import recipe_sources
     from .teacher_source import resolve_teacher_folder
+    from .tokenizer_roundtrip import probe_unk_tolerance
 
     start = time.perf_counter()
     options = recipe.stage(STAGE)
     out = Path(out)
+    sources = recipe_sources(recipe)
+    check_output_vs_sources(out, sources)  # before any work: the write would replace a teacher it holds
     chosen = tower_teachers(recipe, profile)
     order = list(chosen)
     if texts is None:
         texts = student_training_texts(recipe)
     folders = {t.name: resolve_teacher_folder(t.source, t.allow_pickle, recipe.cache_dir) for t in recipe.teachers}
+    sources.update({f"teacher folder {name}": folder for name, folder in folders.items()})
     counts = {name: teacher_counts(folders[name]) for name in dict.fromkeys(chosen.values())}
     student_tok = shared_tokenizer(options, texts, recipe, folders)
     hidden = options.hidden_size or max(counts[t]["hidden_size"] for t in chosen.values())
@@ -454,7 +468,8 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
                               f"params -> {tower_budgets[cap]:,} "
                               f"(keep {tower_budgets[cap] / max(1, counts[teacher.name]['layers']):.3f})")
             towers[cap] = _compress_tower(cap, teacher.name, folders[teacher.name], DTYPES[teacher.dtype],
-                                          texts[cap], tower_budgets[cap], options, console, show_progress)
+                                          texts[cap], tower_budgets[cap], options, console, show_progress,
+                                          probe_unk_tolerance(next(c for c in recipe.capabilities if c.name == cap)))
         student, rows = assemble_student(towers, student_tok, hidden, order, texts, options)
         tower_records = [{"index": t, "capability": cap, "teacher": chosen[cap],
                           "hidden_size": towers[cap]["tower_spec"]["hidden_size"],
@@ -485,7 +500,7 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         "inputs_digest": inputs_digest,
     }
     student.config.nexus_source = {"stage": STAGE, "teachers": {cap: chosen[cap] for cap in order}}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
         with atomic_file(tmp / "student_build.json") as f_tmp:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..modeling_nexus import NexusConfig, NexusForCausalLM
-from .atomic_output import atomic_dir
+from .atomic_output import atomic_dir, check_output_vs_sources
+from .load_check import checked_load_state_dict
 from .teacher_families import family_for, nexus_config_kwargs, nexus_state_dict
 from .teacher_source import load_teacher
 
@@ -24,10 +25,9 @@ def nexus_from_teacher(teacher, name="teacher", capabilities=()):
     state = nexus_state_dict(teacher.config, teacher.state_dict())
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"weight mapping mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    source = getattr(teacher.config, "_name_or_path", None) or "(in memory)"
+    checked_load_state_dict(model, state, f"{source} (mapped to Nexus names)", what="teacher",
+                            allow_missing=("lm_head.weight",) if config.tie_word_embeddings else ())
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
@@ -38,12 +38,14 @@ def import_teacher(src, out, allow_pickle=False, trust_remote_code=False, name=N
                    cache_root=None):
     """Write a one-tower Nexus checkpoint for the teacher at ``src`` into ``out``; returns ``out``."""
     src, out = Path(src), Path(out)
+    sources = {"teacher": src}
+    check_output_vs_sources(out, sources)  # before loading anything: `import T T --overwrite` would replace T
     teacher, tokenizer = load_teacher(src, dtype=torch.float32, allow_pickle=allow_pickle,
                                       trust_remote_code=trust_remote_code, cache_root=cache_root)
     model = nexus_from_teacher(teacher, name=name or src.stem)
     model.config.nexus_source = {"path": str(src), "architecture": teacher.config.model_type}
     del teacher
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

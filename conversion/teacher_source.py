@@ -5,7 +5,6 @@ remote code is never run unless ``trust_remote_code`` is set. A GGUF file is deq
 safetensors folder (keyed by the file's size and mtime), so later loads skip the slow conversion.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .atomic_output import atomic_dir
+from .load_check import checked_from_pretrained, logger_quieted
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -98,12 +98,13 @@ def gguf_to_safetensors(gguf_path, cache_root):
     out = gguf_cache_dir(gguf_path, cache_root)
     if (out / "config.json").is_file():
         return out
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    model = checked_from_pretrained(AutoModelForCausalLM, gguf_path.parent, what="teacher", gguf_file=gguf_path.name,
+                                    dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, sources={"GGUF teacher": gguf_path}) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "nexus_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
@@ -126,7 +127,7 @@ def cast_cache_folder(folder, dtype):
     out = folder.with_name(f"{folder.name}-{str(dtype).removeprefix('torch.')}")
     if (out / "config.json").is_file():
         return out
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, sources={"cached teacher": folder}) as tmp:
         for path in sorted(folder.iterdir()):
             if path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as fh:
@@ -167,7 +168,7 @@ def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_co
     ``with_tokenizer=False``: (model, None), for a caller that holds the tokenizer already (a 262k-token tokenizer
     costs ~320 MiB resident and more while it parses: loading it twice raised the distill stage's peak by that much).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = resolve_teacher_folder(path, allow_pickle, cache_root, dtype=dtype)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -176,15 +177,30 @@ def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_co
             f"teacher {path} needs remote code (auto_map in config.json); refusing it unless trust_remote_code is set"
         )
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code) if with_tokenizer else None
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=not allow_pickle or any(Path(folder).glob("*.safetensors")),
-        trust_remote_code=trust_remote_code,
+    model = checked_from_pretrained(
+        AutoModelForCausalLM, folder, what="teacher", dtype=dtype,
+        use_safetensors=not allow_pickle or any(Path(folder).glob("*.safetensors")), trust_remote_code=trust_remote_code,
     )
     model.eval()
     return model, tokenizer
 
 
+# Spaces (single, double, leading), a tab, newlines, digits, punctuation and non-ASCII: what a wrong class guess
+# mangles first (a byte-level BPE class over a character vocabulary drops every space and every unknown character).
+TOKENIZER_PROBE = " Hello, world!  Two  spaces,\ttab and\nnewline: 1234 + 5678 = 6912. café naïve 中文 “q” {x: [1]}\n"
+
+
 def load_tokenizer(folder, trust_remote_code=False):
+    """The tokenizer in ``folder``, as AutoTokenizer loads it unless that changes what its ``tokenizer.json`` does.
+
+    AutoTokenizer picks a class from ``config.json``'s model type (transformers 5.x), and a class with its own
+    ``__init__`` (e.g. ``Qwen2Tokenizer``) rebuilds the pipeline from the vocabulary alone: a word-level or character
+    ``tokenizer.json`` in a ``qwen2`` folder then loses its spaces and unknown characters without a ``<unk>``. So when
+    the class rebuilt the pipeline, its ids on `TOKENIZER_PROBE` are compared with the raw ``tokenizer.json``'s; if
+    they differ, the folder's ``tokenizer.json`` is loaded as it is (`TokenizersBackend`, the class transformers 5
+    also exports as ``PreTrainedTokenizerFast``, with the specials of ``tokenizer_config.json`` /
+    ``special_tokens_map.json``). A tokenizer loaded verbatim already (the generic class) is not compared.
+    """
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -194,22 +210,39 @@ def load_tokenizer(folder, trust_remote_code=False):
             f"no tokenizer in {folder}: expected one of {', '.join(names)} next to the weights"
         )
     try:
-        with _config_type_warning_silenced():
-            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        # AutoTokenizer reads a Nexus folder's config.json through the base config class, which logs "You are using
+        # a model of type `nexus` to instantiate a model of type ``" although nothing is instantiated: hide that
+        with logger_quieted("transformers.configuration_utils"):
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            if _class_guess_changes_encoding(tokenizer, folder):
+                from transformers import TokenizersBackend
+
+                del tokenizer
+                tokenizer = TokenizersBackend.from_pretrained(folder)
+            return tokenizer
     except Exception as exc:  # the library's own errors are long; keep the cause, name the folder
         raise TeacherSourceError(f"cannot load the tokenizer in {folder}: {exc}") from exc
 
 
-@contextlib.contextmanager
-def _config_type_warning_silenced():
-    """AutoTokenizer reads a Nexus folder's config.json through the base config class, which logs "You are using a
-    model of type `nexus` to instantiate a model of type ``" although nothing is instantiated; hide that one logger."""
-    import logging
+def _class_guess_changes_encoding(tokenizer, folder):
+    """True when ``tokenizer`` (AutoTokenizer's class guess) encodes `TOKENIZER_PROBE` unlike ``tokenizer.json``."""
+    from transformers import TokenizersBackend
 
-    log = logging.getLogger("transformers.configuration_utils")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    file = Path(folder) / "tokenizer.json"
+    if type(tokenizer) is TokenizersBackend or not file.is_file():
+        return False  # the generic class loads tokenizer.json as it is; without one there is nothing to compare
     try:
-        yield
-    finally:
-        log.setLevel(level)
+        config = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and config.get("auto_map"):
+        return False  # the author's own tokenizer code decides
+    from tokenizers import Tokenizer
+
+    guessed = list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    raw = Tokenizer.from_file(str(file))
+    ids = raw.encode(TOKENIZER_PROBE, add_special_tokens=False).ids
+    del raw
+    return guessed != ids
+
+

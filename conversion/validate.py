@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .atomic_output import atomic_dir, atomic_file
 from .cka import cka_matrix, depth_matched
 from .json_finite import json_finite
+from .load_check import checked_from_pretrained
 from .memory_plan import safetensors_numel
 from .probes.base import inference_context
 from .profile import (
@@ -82,6 +83,7 @@ from .retention import (
     retention_value,
     score_of,
 )
+from .run_paths import recipe_sources
 from .teacher_source import (
     PICKLE_SUFFIXES,
     load_teacher,
@@ -209,7 +211,7 @@ def load_scored_model(folder, dtype):
     if config.model_type == "nexus":
         from ..modeling_nexus import NexusForCausalLM
 
-        model = NexusForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        model = checked_from_pretrained(NexusForCausalLM, folder, what="student", dtype=dtype).eval()
         return model, load_tokenizer(folder)
     return load_teacher(folder, dtype)
 
@@ -763,7 +765,8 @@ def run_validate(recipe: Recipe, student_path, checkpoints=(), feature_map=None,
         report = json_finite(build_report(recipe, plan, scored, time.perf_counter() - start))
         created = [p for p in [target, *target.parents] if not p.exists()]
         try:
-            with atomic_dir(target, overwrite=True) as tmp:
+            with atomic_dir(target, overwrite=True,
+                            sources={**recipe_sources(recipe), "student": student_path}) as tmp:
                 _write_into(tmp, recipe, report, plan, inputs,
                             {cap: items for cap, (_, items) in scored["student"]["scores"].items()})
         except BaseException:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..conversion.atomic_output import atomic_dir
+from ..conversion.atomic_output import atomic_dir, check_output_vs_sources
 from .nexus_checkpoint import (
     check_nexus_checkpoint,
     load_nexus_checkpoint,
@@ -105,10 +105,10 @@ def export_checkpoint(src, out, card=None, card_info=None, tokenizer_src=None, r
     """
     src, out = Path(src), Path(out)
     check_nexus_checkpoint(src)
+    sources = {"checkpoint": src, "tokenizer": tokenizer_src, "model card": card}
+    check_output_vs_sources(out, sources)  # an output that is, holds or sits in a source would delete it
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; remove it or pass overwrite")
-    if out.resolve() == src.resolve():
-        raise ValueError(f"output {out} is the source checkpoint; choose another folder")
     tok_files = tokenizer_files(tokenizer_src or src)
     if not tok_files:
         raise FileNotFoundError(f"no tokenizer in {tokenizer_src or src}: expected tokenizer.json or "
@@ -116,7 +116,7 @@ def export_checkpoint(src, out, card=None, card_info=None, tokenizer_src=None, r
     model = load_nexus_checkpoint(src)
     text = _card_text(src, model, card, card_info, repo_id)
     summary = {"path": str(out), "source": str(src), "towers": len(model.config.towers)}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         model.save_pretrained(tmp)  # safetensors + config with auto_map + copied modeling files
         for path in tok_files:
             shutil.copy2(path, tmp / path.name)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..conversion.atomic_output import atomic_file
+from ..conversion.atomic_output import atomic_file, check_output_vs_sources
 
 GGUF_ARCH = {"llama": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "gemma3_text": "GEMMA3"}
 DTYPES = ("f32", "f16", "q8_0")
@@ -175,6 +175,11 @@ def export_gguf(standard_dir, out_file, dtype="f32", name=None, overwrite=False)
     if dtype not in DTYPES:
         raise GGUFExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     standard_dir, out_file = Path(standard_dir), Path(out_file)
+    # the file may go inside the folder it is made from, but not over that folder, a parent of it or a file it reads
+    check_output_vs_sources(out_file, {"standard export": standard_dir}, inside_ok=True)
+    if standard_dir.is_dir():
+        check_output_vs_sources(out_file, [("file", p) for p in standard_dir.iterdir()
+                                           if p.is_file() and p.suffix != ".gguf"])
     if out_file.exists() and not overwrite:
         raise FileExistsError(f"output {out_file} already exists; remove it or pass overwrite")
     if not (standard_dir / "config.json").is_file():

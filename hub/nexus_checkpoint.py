@@ -39,10 +39,11 @@ def check_nexus_checkpoint(src):
 
 def load_nexus_checkpoint(src, dtype="auto"):
     """The NexusForCausalLM saved at ``src`` (eval mode), built from the installed project code."""
+    from ..conversion.load_check import checked_from_pretrained
     from ..modeling_nexus import NexusForCausalLM
 
     check_nexus_checkpoint(src)
-    model = NexusForCausalLM.from_pretrained(Path(src), dtype=dtype, use_safetensors=True)
+    model = checked_from_pretrained(NexusForCausalLM, Path(src), what="checkpoint", dtype=dtype, use_safetensors=True)
     return model.eval()
 
 

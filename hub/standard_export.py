@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ..conversion.atomic_output import atomic_dir
+from ..conversion.atomic_output import atomic_dir, check_output_vs_sources
+from ..conversion.load_check import checked_load_state_dict
 from .nexus_checkpoint import load_nexus_checkpoint, tokenizer_files
 
 ARCHES = ("llama", "qwen2", "qwen3", "gemma3_text")
@@ -384,10 +385,9 @@ def standard_model(model, tower=0, pad_to_uniform=False, arch="auto"):
             out[f"{dst}{hf_name}.weight"] = state[key] if key in state else torch.full((hidden,), norm_fill, dtype=dtype)
 
     hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    missing, unexpected = hf_model.load_state_dict(out, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"standard export weight mismatch ({arch}): missing {missing[:5]}, unexpected {unexpected[:5]}")
+    source = getattr(config, "_name_or_path", None) or "(in memory)"
+    checked_load_state_dict(hf_model, out, f"{source} (tower {t} as {arch})", what="checkpoint",
+                            allow_missing=("lm_head.weight",) if config.tie_word_embeddings else ())
     if config.tie_word_embeddings:
         hf_model.tie_weights()
     return hf_model.eval(), shape.notes
@@ -403,6 +403,8 @@ def export_standard(src, out, tower=0, pad_to_uniform=False, arch="auto", overwr
     GGUF cannot express fails the whole export. Returns a dict of the same.
     """
     out = Path(out)
+    sources = {"checkpoint": None if isinstance(src, torch.nn.Module) else src, "tokenizer": tokenizer_src}
+    check_output_vs_sources(out, sources)  # an output that is, holds or sits in a source would delete it
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; remove it or pass overwrite")
     model = src if isinstance(src, torch.nn.Module) else load_nexus_checkpoint(src)
@@ -412,7 +414,7 @@ def export_standard(src, out, tower=0, pad_to_uniform=False, arch="auto", overwr
             "tower_name": model.model.towers[t].name, "architecture": hf_model.config.model_type,
             "padded": bool(notes), "notes": notes}
     tok_dir = tokenizer_src or (None if isinstance(src, torch.nn.Module) else src)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         hf_model.save_pretrained(tmp)
         for path in tokenizer_files(tok_dir) if tok_dir else []:
             shutil.copy2(path, tmp / path.name)

@@ -59,10 +59,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from nexus.conversion.atomic_output import atomic_dir, atomic_file
-from safetensors.torch import load_file, load_model, save_file, save_model
+from nexus.conversion.load_check import check_load_report, checked_load_file, checked_load_state_dict
+from safetensors.torch import load_file, save_file, save_model
 
 from .distill_options import RESUME_FREE_FIELDS, EngineOptions
-from .preservation import Preservation
+from .preservation import Preservation, canonical_parameters
 
 CHECKPOINT_PREFIX = "step-"
 RUN_LOG = "run_log.jsonl"
@@ -193,7 +194,17 @@ def _optimizer_files(optimizer):
 
 
 def _load_optimizer(optimizer, folder):
-    tensors = load_file(folder / "optimizer.safetensors")
+    path = folder / "optimizer.safetensors"
+    tensors = checked_load_file(path)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    unexpected, mismatched = [], []
+    for key, t in tensors.items():
+        idx = key.split(".", 1)[0]
+        if not idx.isdigit() or int(idx) >= len(params):
+            unexpected.append(key)
+        elif t.ndim and tuple(t.shape) != tuple(params[int(idx)].shape):
+            mismatched.append((key, tuple(t.shape), tuple(params[int(idx)].shape)))
+    check_load_report((), unexpected, path, "checkpoint", mismatched)
     meta = json.loads((folder / "optimizer.json").read_text())
     state = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
@@ -204,6 +215,27 @@ def _load_optimizer(optimizer, folder):
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _load_weights(module, path, device):
+    """Resume ``module`` from ``path``: every tensor present, of the right shape, finite (else LoadCheckError)."""
+    checked_load_state_dict(module, load_file(path, device=str(device)), path, what="checkpoint")
+
+
+def _load_rng(path, rank):
+    tensors = checked_load_file(path)
+    check_load_report([k for k in (f"torch.{rank}", f"numpy_keys.{rank}") if k not in tensors], (), path)
+    return tensors
+
+
+def _load_anchor(path, model):
+    """The preservation anchor theta*: finite, and each tensor a parameter of ``model`` of the same shape."""
+    anchor = checked_load_file(path, what="preservation anchor")
+    params, _ = canonical_parameters(model)
+    check_load_report((), [k for k in anchor if k not in params], path, "preservation anchor",
+                      [(k, tuple(v.shape), tuple(params[k].shape)) for k, v in anchor.items()
+                       if k in params and tuple(v.shape) != tuple(params[k].shape)])
+    return anchor
 
 
 def _rng_state():
@@ -346,21 +378,22 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
                              f"this run has {world}")
         if saved["preservation"] != fingerprint:
             raise ValueError(f"cannot resume {folder}: the preservation options or importance scores changed")
-        load_model(model, folder / "model.safetensors", strict=True, device=str(device))
+        _load_weights(model, folder / "model.safetensors", device)
         if loss_state:
             if not (folder / "loss_module.safetensors").is_file():
                 raise FileNotFoundError(f"cannot resume {folder}: the loss module has parameters/buffers but the "
                                         "checkpoint has no loss_module.safetensors")
-            load_model(loss_module, folder / "loss_module.safetensors", strict=True, device=str(device))
+            _load_weights(loss_module, folder / "loss_module.safetensors", device)
         _load_optimizer(optimizer, folder)
         schedule.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-        _set_rng_state(load_file(folder / "rng.safetensors"), json.loads((folder / "rng.json").read_text()), rank)
+        rng_meta = json.loads((folder / "rng.json").read_text())
+        _set_rng_state(_load_rng(folder / "rng.safetensors", rank), rng_meta, rank)
         state = saved["state"]
         if preservation.options.mode == "anchor":
             if not (run_dir / ANCHOR_FILE).is_file():
                 raise FileNotFoundError(f"cannot resume {folder}: the anchor weights {run_dir / ANCHOR_FILE} "
                                         "of the preservation penalty are missing")
-            anchor_state = load_file(run_dir / ANCHOR_FILE)
+            anchor_state = _load_anchor(run_dir / ANCHOR_FILE, model)
     else:
         torch.manual_seed(options.seed)
         random.seed(options.seed)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from nexus.conversion.atomic_output import atomic_file
-from safetensors.torch import load_file
+from nexus.conversion.load_check import checked_load_file
 
 from .distill_options import LMCOptions
 from .preservation import canonical_parameters
@@ -39,7 +39,7 @@ def _state_of(source, template):
             path = path / "model.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"LMC endpoint {source}: no such safetensors file (or folder with model.safetensors)")
-        source = load_file(str(path))
+        source = checked_load_file(path, what="LMC endpoint")
     if not isinstance(source, dict):
         raise TypeError(f"an LMC endpoint must be a module, a state dict or a path, got {type(source).__name__}")
     _, alias = canonical_parameters(template)

@@ -120,6 +120,14 @@ class Probe:
         """Why a teacher with this tokenizer/config cannot be scored (a sentence), or None when it can."""
         return
 
+    def roundtrip_texts(self) -> list:
+        """The texts of the items to score (after `load`), for the teacher tokenizers' round-trip check."""
+        return []
+
+    def unk_tolerance(self) -> float:
+        """The fraction of a teacher's tokens on this data that may be the unk token (0: none)."""
+        return 0.0
+
     def baseline(self):
         """A trivial model's summary on the same items."""
         raise NotImplementedError

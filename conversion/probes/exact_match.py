@@ -58,6 +58,10 @@ class ExactMatchProbe(Probe):
         lengths = [len(x) for x in tokenizer(self.answers, add_special_tokens=False)["input_ids"]]
         return max(lengths) + 4
 
+    def roundtrip_texts(self):
+        self._require_loaded()
+        return [p + a for p, a in zip(self.prompts, self.answers)]
+
     def cannot_score(self, tokenizer, config):
         self._require_loaded()
         limit = model_max_positions(config)

@@ -112,6 +112,13 @@ class LMProbe(Probe):
             return f"its context ({window} positions) is too short to predict anything"
         return None
 
+    def roundtrip_texts(self):
+        self._require_loaded()
+        return list(self.chunks)
+
+    def unk_tolerance(self):
+        return self.options.max_unk_fraction
+
     def _window(self, config):
         limit = model_max_positions(config)
         return min(self.settings.window_tokens, limit) if limit else self.settings.window_tokens

@@ -65,6 +65,10 @@ class MultipleChoiceProbe(Probe):
                 out.append((i, k, ids, n_cont))
         return out
 
+    def roundtrip_texts(self):
+        self._require_loaded()
+        return [prompt + choice for prompt, choices, _ in self.items for choice in choices]
+
     def cannot_score(self, tokenizer, config):
         self._require_loaded()
         limit = model_max_positions(config)

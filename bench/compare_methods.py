@@ -149,7 +149,7 @@ for _v in (
             distill={"preservation": {"mode": "lr_scale", "strength": 0.9}}),
     Variant("no_ot_alignment", "ablation", "OT alignment off",
             "", not_run="not_applicable", evidence="teacher_architectures",
-            reason="the align stage (optimal-transport neuron matching before averaging, conversion/ot_merge.py) "
+            reason="the align stage (optimal-transport neuron matching before averaging, nexus/conversion/ot_merge.py) "
                    "merges two teachers of one family; no two demo specialists share an architecture (evidence) "
                    "and the student build takes one teacher per tower, so the pipeline has no alignment step to "
                    "switch off. bench/compress_real.py measures the OT merge on its own."),

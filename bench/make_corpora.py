@@ -1,4 +1,4 @@
-"""Regenerate conversion/data/{prose,code}_{train,heldout}.txt from python3-doc and the Python stdlib.
+"""Regenerate nexus/conversion/data/{prose,code}_{train,heldout}.txt from python3-doc and the Python stdlib.
 
     apt-get install -y python3-doc && python bench/make_corpora.py
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-OUT = Path(__file__).resolve().parent.parent / "conversion" / "data"
+OUT = Path(__file__).resolve().parent.parent / "nexus" / "conversion" / "data"
 TRAIN_BYTES, HELDOUT_BYTES = 300_000, 40_000
 
 

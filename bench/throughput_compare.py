@@ -23,7 +23,7 @@ clip 1.0, constant-then-cosine LR irrelevant to speed):
 
 - *raw fwd+bwd* (`distill_real.raw_round`): student forward + next-token CE + backward; no optimizer, no teacher.
 - *NEXUS engine, excl. cache* (`distill_real.engine_round` -> `training.distill_engine.train_student`, as
-  `conversion/distill.py` uses it): student forward + forward KL(teacher || student) on the *cached* teacher top-k
+  `nexus/conversion/distill.py` uses it): student forward + forward KL(teacher || student) on the *cached* teacher top-k
   (+ one tail bucket, `distill_losses.ForwardKLTopK`, T=1, no CE) + backward + clipping + AdamW + schedule + NaN
   guard + a run-log line. The teacher does NOT run: its top-k comes from the cache, already collated in memory.
 - *NEXUS cache + rows*: `teacher_cache.build_teacher_cache` over the same windows (teacher forward, batch

@@ -277,7 +277,7 @@ def write_feature_map_heatmap(fm, path):
 
 def write_lmc_plot(lmc, path):
     """Score along the interpolation path (alpha 0 -> 1), one line per curve, the endpoints' chord dashed, the
-    chosen alpha marked. Reads training/lmc.py's ``lmc.json`` (``alphas``, ``scores``, ``chord``, ``best_alpha``,
+    chosen alpha marked. Reads nexus/training/lmc.py's ``lmc.json`` (``alphas``, ``scores``, ``chord``, ``best_alpha``,
     ``barrier``, ``score_name``) or ``{"alphas", "scores": {NAME: [...]}, "chosen_alpha"}``."""
     plt = _plt()
     curves = lmc["scores"] if isinstance(lmc["scores"], dict) else {lmc.get("score_name", "score"): lmc["scores"]}

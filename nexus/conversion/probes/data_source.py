@@ -1,7 +1,7 @@
 """Where a capability's data comes from: a file, or a bundled source (``bundled:prose``, ``bundled:code``,
 ``bundled:arithmetic``), read with errors that name the file and the line.
 
-``bundled:prose`` / ``bundled:code`` are the held-out slices shipped in ``conversion/data/`` (``bundled:prose:train``
+``bundled:prose`` / ``bundled:code`` are the held-out slices shipped in ``nexus/conversion/data/`` (``bundled:prose:train``
 names the training slice). ``bundled:arithmetic`` is generated exact-match items from a fixed held-out seed that
 differs from any seed the specialists train on, so a specialist is never scored on its own training items.
 """

@@ -1,6 +1,6 @@
 """The bundled capability data: English prose, Python code, and seeded arithmetic exact-match items.
 
-Prose and code are small slices shipped in ``conversion/data/`` (cut by ``bench/make_corpora.py`` from python3-doc
+Prose and code are small slices shipped in ``nexus/conversion/data/`` (cut by ``bench/make_corpora.py`` from python3-doc
 and the Python stdlib); the train and held-out halves come from disjoint source files. Arithmetic items are generated,
 so any number of them can be made reproducibly from a seed.
 """

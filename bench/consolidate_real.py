@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 from nexus.conversion.atomic_output import atomic_file
-from nexus.conversion.consolidate import run_consolidate
+from nexus.stages.pipeline import run_consolidate
 from nexus.conversion.peak_rss import peak_rss
 from nexus.conversion.recipe import validate_recipe
 from rich.console import Console

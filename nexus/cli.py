@@ -49,6 +49,8 @@ from .export_command import export  # noqa: E402
 app.command("export")(export)
 from .push_command import push  # noqa: E402
 app.command("push")(push)
+from .stages_command import stages  # noqa: E402
+app.command("stages")(stages)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`nexus consolidate RECIPE`: profile -> student build -> distill -> validate -> export (see `nexus.conversion.consolidate`)."""
+"""`nexus consolidate RECIPE`: the recipe's stage list, profile -> student build -> distill -> validate -> export by default (see `nexus.stages.pipeline`)."""
 
 import typer
 from rich.console import Console
@@ -12,7 +12,7 @@ def consolidate(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
     """Run every stage after the teachers exist; a rerun reuses finished stages and resumes distillation."""
-    from .conversion.consolidate import run_consolidate
+    from .stages.pipeline import run_consolidate
     from .conversion.recipe import load_recipe
 
     console = Console()

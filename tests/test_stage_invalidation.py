@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_distill_stage import consolidate_recipe_file, two_teachers  # noqa: F401  (two_teachers: a fixture)
 
 from nexus.conversion import distill as distill_module
-from nexus.conversion.consolidate import run_consolidate
+from nexus.stages.pipeline import run_consolidate
 from nexus.conversion.corpora import corpus_text
 from nexus.conversion.distill import run_distill
 from nexus.conversion.recipe import load_recipe

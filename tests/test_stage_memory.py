@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_distill_stage import consolidate_recipe_file, two_teachers  # noqa: F401  (two_teachers: a fixture)
 
 from nexus.conversion import peak_rss
-from nexus.conversion.consolidate import run_consolidate
+from nexus.stages.pipeline import run_consolidate
 from nexus.conversion.memory_plan import MemoryPlanError, safetensors_numel
 from nexus.conversion.recipe import load_recipe
 from nexus.conversion.stage_memory import (STAGE_RAM_PLANS, machine_ram_bytes, plan_stages, ram_budget,

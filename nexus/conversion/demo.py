@@ -139,7 +139,7 @@ def run_demo(out_dir="runs", teachers_dir=None, steps=None, max_items=None, cons
     from rich.console import Console
 
     from ..training.specialists import load_competence, train_specialist
-    from .consolidate import run_consolidate
+    from ..stages.pipeline import run_consolidate
     from .recipe import validate_recipe
 
     if scale not in SCALES:

@@ -79,6 +79,7 @@ def register_stage_options(name, cls):
 def stage_options_registry():
     for module in BUILTIN_STAGE_MODULES:
         importlib.import_module(module)
+    importlib.import_module("nexus.stages").stage_registry()  # the pipeline stages register their options too
     return STAGE_OPTIONS
 
 
@@ -146,6 +147,9 @@ class Recipe(_Strict):
     student: StudentSpec = Field(default_factory=StudentSpec, description="the student's budget")
     memory: MemorySpec = Field(default_factory=MemorySpec, description="the RAM budget every stage is planned against")
     stages: dict[str, Any] = Field(default_factory=dict, description="per-stage options, keyed by stage name")
+    pipeline: list[str] | None = Field(
+        None, description="the stages `nexus consolidate` runs, in order (default: profile, student_build, distill, "
+                          "validate, export); optional stages such as localise are added here")
 
     @property
     def run_path(self) -> Path:
@@ -314,6 +318,19 @@ def _check_stages(recipe):
     return problems
 
 
+def _check_pipeline(recipe):
+    """``pipeline``: registered stages, each once, none required left out, each after the stages it reads."""
+    if recipe.pipeline is None:
+        return []
+    pipeline = importlib.import_module("nexus.stages.pipeline")
+    try:
+        pipeline.resolve_pipeline(recipe.pipeline)
+    except pipeline.PipelineError as exc:
+        where, _, message = str(exc).partition(": ")
+        return [(where, message)]
+    return []
+
+
 def validate_recipe(raw, base_dir=".", source=None, check_paths=True) -> Recipe:
     """A validated `Recipe` from a parsed YAML mapping; relative paths resolve against ``base_dir``."""
     base_dir = Path(base_dir).resolve()
@@ -338,6 +355,7 @@ def validate_recipe(raw, base_dir=".", source=None, check_paths=True) -> Recipe:
     for i, cap in enumerate(recipe.capabilities):
         problems += _check_capability(i, cap, recipe, base_dir, check_paths)
     problems += _check_stages(recipe)
+    problems += _check_pipeline(recipe)
     if problems:
         raise RecipeError(problems, source)
     return recipe

@@ -447,3 +447,21 @@ def plan_table(plans, budget, source, measured=None):
             row += [f"{m / 2**20:,.0f}" if m else "-", f"{plan['total_bytes'] / m:.2f}" if m else "-"]
         table.add_row(*row)
     return table
+
+
+def plan_localise_ram(recipe, runtime, profile=None, student=None):
+    """Localisation: one teacher resident at a time in its recipe dtype, forwards of ``tokens_per_batch`` tokens with
+    the head over all positions (ablation scores), plus the activations kept for the attribution gradient (one
+    backward through the teacher: `_training_activations`) when ``attribution: gradient``."""
+    options = recipe.stage("localise")
+    specs = _eligible(recipe)
+    plans = _teacher_forward_plans(recipe, specs, runtime, 1, options.tokens_per_batch, "native", "localise",
+                                   sliced_head=False)
+    if options.attribution == "gradient":
+        for spec in specs:
+            folder = teacher_footprint(recipe, spec)["folder"]
+            if folder is not None:
+                grad = _training_activations(load_config(folder), 1, options.tokens_per_batch)
+                plans[spec.name] = _plan("localise", {**plans[spec.name]["components"], "attribution_backward": grad},
+                                         **plans[spec.name]["assumptions"])
+    return _largest(plans, "localise", one_teacher_resident=True)

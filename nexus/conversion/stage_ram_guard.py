@@ -1,6 +1,6 @@
 """One stage's peak-RAM plan, printed and checked against the RAM budget before the stage runs.
 
-`nexus consolidate` (`consolidate._MemoryWatch.before`) and the stand-alone stage commands (`nexus profile`,
+`nexus consolidate` (`nexus.stages.pipeline.MemoryWatch.before`) and the stand-alone stage commands (`nexus profile`,
 `distill`, `validate`, `export`) all go through `guard_stage_ram`: it plans ``stage`` with its registered planner
 (`stage_memory.STAGE_RAM_PLANS`, from headers and configs only: no model is loaded), prints one dim line (the
 planned peak, its largest parts, the budget) and raises `MemoryPlanError` (a ValueError: the CLI prints it as one red

@@ -266,7 +266,7 @@ class GroupLoss(torch.nn.Module):
 
 def make_forward(router):
     """The engine's forward: the batch's tower, plus the router's logits on the same rows when it is trained."""
-    from ..training.distill_engine import forward_batch
+    from ..training.forward_batch import forward_batch
 
     def forward(model, batch):
         out = forward_batch(model, batch)

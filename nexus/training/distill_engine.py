@@ -63,6 +63,7 @@ from nexus.conversion.load_check import check_load_report, checked_load_file, ch
 from safetensors.torch import load_file, save_file, save_model
 
 from .distill_options import RESUME_FREE_FIELDS, EngineOptions
+from .forward_batch import forward_batch
 from .preservation import Preservation, canonical_parameters
 
 CHECKPOINT_PREFIX = "step-"
@@ -73,23 +74,6 @@ STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ batches, forward
-
-
-def forward_batch(model, batch, output_hidden_states=False):
-    """The default forward: ``model(input_ids, attention_mask, tower=...)`` without a KV cache."""
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if batch.get("attention_mask") is not None:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    if output_hidden_states:
-        kwargs["output_hidden_states"] = True
-    tower = batch.get("tower")
-    if tower is not None:
-        towers = torch.as_tensor(tower).reshape(-1).unique()
-        if towers.numel() != 1:
-            raise ValueError(f"batch['tower'] holds several towers {towers.tolist()}: group batches by tower or "
-                             "pass forward= to train_student")
-        kwargs["tower"] = int(towers.item())
-    return model(**kwargs)
 
 
 def fetch_batch(batches, index):

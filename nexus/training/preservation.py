@@ -111,7 +111,7 @@ def taylor_importance(model, batches, loss_module, forward=None):
     ``batches``: an iterable of batch dicts; ``loss_module(outputs, batch) -> (loss, parts)``; ``forward(model,
     batch)`` defaults to the engine's `forward_batch`. ``.grad`` is left untouched.
     """
-    from .distill_engine import forward_batch
+    from .forward_batch import forward_batch
 
     forward = forward or forward_batch
     params, _ = canonical_parameters(model)

@@ -31,9 +31,14 @@ every variant (they depend on the teacher and the training text only), so each v
 to one shared folder. Scales: ``bench`` = the real specialists (``--teachers``, default runs/demo-teachers from `nexus demo` or $NEXUS_TEACHERS,
 never retrained here) with the demo's full profile/validate settings; ``gemma`` = Gemma-3-270M + the arithmetic
 specialist with `recipes/consolidate_real.yaml` (its budget, student build, 200 distill steps, validate items),
-NEXUS and the baselines only (JSON in ``bench/out/compare-gemma``); ``test`` = tiny specialists trained in
-seconds and a few steps (the smoke test), numbers measured but meaningless. Each JSON holds the per-item student
-and teacher rows, so `results.py` computes paired differences from NEXUS (same items, same resamples).
+NEXUS and the baselines only; ``test`` = tiny specialists trained in seconds and a few steps (the smoke test),
+numbers measured but meaningless. Each JSON holds the per-item student and teacher rows, so `results.py` computes
+paired differences from NEXUS (same items, same resamples).
+
+Where it writes (``bench/paths.py``): the per-variant JSON, committed, in ``bench/results/compare/`` (``bench``) and
+``bench/results/compare-gemma/`` (``gemma``); the stage artefacts (``--runs``: profile, students, teacher caches,
+reports) in ``bench/out/compare-runs/<scale>/``, not tracked. A JSON names its run's folders under ``paths``
+(absolute, on the machine that ran it). The ``test`` scale's smoke-run JSON stays in ``bench/out/compare-test/``.
 """
 
 import argparse
@@ -41,6 +46,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +56,9 @@ from nexus.conversion.atomic_output import atomic_file
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py, also when a test loads this by file path
+from paths import ARTEFACTS, RESULTS  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SCHEMA = "nexus.bench.compare/1"
 # The demo's specialists: `nexus demo` trains them into runs/demo-teachers (NEXUS_TEACHERS overrides, e.g. a shared cache)
@@ -58,14 +67,15 @@ SPECIALISTS = ("arithmetic", "code", "prose")
 
 # Per scale: where the recipe comes from (the demo's, at a demo scale, or a recipe file), its distill steps, where
 # JSON / runs go by default, and which variant groups it runs (``gemma``: NEXUS and the baselines; the ablations are
-# measured on the demo specialists).
+# measured on the demo specialists). Result JSON under RESULTS (committed), run folders under ARTEFACTS; the test
+# scale's smoke-run JSON is not a result, so it stays with the artefacts.
 SCALES = {
-    "bench": {"demo_scale": "full", "steps": 500, "out": HERE / "out" / "compare",
-              "runs": HERE / "out" / "compare-runs" / "bench", "groups": ("nexus", "baseline", "ablation")},
-    "test": {"demo_scale": "test", "steps": 2, "out": HERE / "out" / "compare-test",
-             "runs": HERE / "out" / "compare-runs" / "test", "groups": ("nexus", "baseline", "ablation")},
-    "gemma": {"recipe": HERE / "recipes" / "consolidate_real.yaml", "steps": 200, "out": HERE / "out" / "compare-gemma",
-              "runs": HERE / "out" / "compare-runs" / "gemma", "groups": ("nexus", "baseline")},
+    "bench": {"demo_scale": "full", "steps": 500, "out": RESULTS / "compare",
+              "runs": ARTEFACTS / "compare-runs" / "bench", "groups": ("nexus", "baseline", "ablation")},
+    "test": {"demo_scale": "test", "steps": 2, "out": ARTEFACTS / "compare-test",
+             "runs": ARTEFACTS / "compare-runs" / "test", "groups": ("nexus", "baseline", "ablation")},
+    "gemma": {"recipe": HERE / "recipes" / "consolidate_real.yaml", "steps": 200, "out": RESULTS / "compare-gemma",
+              "runs": ARTEFACTS / "compare-runs" / "gemma", "groups": ("nexus", "baseline")},
 }
 
 
@@ -530,8 +540,10 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="bench")
-    parser.add_argument("--out", type=Path, default=None, help="JSON folder (default bench/out/compare[-test])")
-    parser.add_argument("--runs", type=Path, default=None, help="stage artefacts (default bench/out/compare-runs/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON folder (default bench/results/compare[-gemma]; test scale: bench/out/compare-test)")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="stage artefacts (default bench/out/compare-runs/<scale>)")
     parser.add_argument("--teachers", type=Path, default=DEFAULT_TEACHERS,
                         help="bench scale: folder with the finished arithmetic/code/prose specialists")
     parser.add_argument("--only", action="append", help=f"run only these variants (repeatable): {', '.join(VARIANTS)}")

@@ -28,7 +28,7 @@ of the pruned checkpoint; activation-aware vs plain SVD at equal rank; OT mergin
    rank-r reconstruction, r set so the factors would hold ``keep`` of the parameters, activation-aware (SVD-LLM
    whitening by the capability-weighted input covariance) vs plain weight SVD at the same r.
 
-Writes bench/out/compress_real.json (and the checkpoint in bench/out/compress_gemma/). Prints figures; asserts
+Writes bench/results/compress_real.json (and the checkpoint in bench/out/compress_gemma/). Prints figures; asserts
 nothing. ``--autocast auto`` (the default) times one Gemma-sized linear in fp32 and under bf16 autocast at start-up
 and uses bf16 only when it is faster on this CPU (on an AVX2-only CPU without bf16 instructions it is ~7x slower);
 the tiny specialists always run in fp32. 1 thread by default (--threads).
@@ -69,8 +69,10 @@ from nexus.conversion.teacher_import import nexus_from_teacher
 from nexus.conversion.teacher_source import load_teacher
 from nexus.conversion.vocab_trim import check_same_encoding, kept_vocabulary, trim_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import ARTEFACTS, RESULTS  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
 REPO = HERE.parent
 CAPS = ("prose", "code")
 HEADLINE = "capability (auto allocation)"
@@ -148,7 +150,7 @@ def gemma_pruning(args, results):
     train = {c: corpus_text(c, "train") for c in CAPS}
     t0 = time.time()
     trim = kept_vocabulary(tokenizer, list(train.values()))
-    tmp_tok = OUT / "compress_tokenizer"
+    tmp_tok = ARTEFACTS / "compress_tokenizer"
     student_tok = trim_tokenizer(tokenizer, trim, tmp_tok, check_texts=list(train.values()))
     tok_report = {"summary": trim.summary(), "seconds": round(time.time() - t0, 1),
                   "kept_domain_identical": True}  # trim_tokenizer raises otherwise
@@ -256,7 +258,7 @@ def gemma_pruning(args, results):
               "capabilities": {c: {"weight": WEIGHTS[c], "calibration": f"bundled:{c}:train",
                                    "calibration_tokens": stats[c].tokens} for c in CAPS},
               "options": CompressOptions(budget={"fraction": 0.5}).model_dump(mode="json")}
-    ckpt = OUT / "compress_gemma"
+    ckpt = ARTEFACTS / "compress_gemma"
     record = write_compressed(student, student_tok, record, ckpt)
     results["fresh_process"] = fresh_process_check(ckpt)
     results["checkpoint"] = {"path": str(ckpt), **record["checkpoint"]}
@@ -300,9 +302,9 @@ CHILD = textwrap.dedent("""
 
 def fresh_process_check(ckpt):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(OUT / "hf_modules_fresh")
+    env["HF_MODULES_CACHE"] = str(ARTEFACTS / "hf_modules_fresh")
     env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), ckpt=str(ckpt))], cwd=OUT, env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), ckpt=str(ckpt))], cwd=ARTEFACTS, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     lines = [l for l in done.stdout.splitlines() if "NEXUS_CHILD " in l]
     if done.returncode != 0 or not lines:
@@ -542,7 +544,7 @@ def print_tables(results):
 def save(results):
     """Write what is measured so far (each part saves, so a late failure loses nothing); parts skipped in this run
     keep their figures from an earlier run."""
-    path = OUT / "compress_real.json"
+    path = RESULTS / "compress_real.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update(results)
     with atomic_file(path) as tmp:
@@ -578,7 +580,7 @@ def main():
     args.use_autocast = args.autocast == "on" or (args.autocast == "auto" and speedup > 1.0)
     log(f"bf16 autocast speed-up on this CPU (fp32 time / bf16 time, one linear): {speedup:.2f}x -> "
         f"{'bf16 autocast' if args.use_autocast else 'fp32'}")
-    OUT.mkdir(parents=True, exist_ok=True)
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
     results = {"args": vars(args), "torch": torch.__version__, "bf16_speedup": speedup,
                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     t0 = time.time()
@@ -594,7 +596,7 @@ def main():
         ot_merge_experiment(args, results)
     results["seconds"] = round(time.time() - t0, 1)
     print_tables(save(results))
-    console.print(f"total {results['seconds']:.0f}s; wrote {OUT / 'compress_real.json'}")
+    console.print(f"total {results['seconds']:.0f}s; wrote {RESULTS / 'compress_real.json'}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 in-process preservation off and on.
 
     python bench/consolidate_real.py [--recipe bench/recipes/consolidate_real.yaml] [--modes off lr_scale]
-                                     [--steps N] [--out bench/out/consolidate_real.json]
+                                     [--steps N] [--out bench/results/consolidate_real.json]
+                                     [--reports bench/out/consolidate_real]
 
 For each preservation mode, in order, `run_consolidate` runs the recipe (profile -> student build -> distill ->
 validate -> export) in the SAME run folder with only ``stages.distill.preservation.mode`` changed, so the second
@@ -14,13 +15,15 @@ Per mode it records, from the validation report: retention per capability vs the
 distillation (the student-build init) and **after** (the distilled student, after LMC), with paired bootstrap 95%
 CIs, the minimum and the mean; the token budget (distill ``tokens`` per capability, steps x batch x seq_len); the
 router accuracy, cache bytes per token, the stage timings and this process's peak RSS. Writes
-``bench/out/consolidate_real.json`` (each mode's report is also copied under ``bench/out/consolidate_real/<mode>/``)
+``bench/results/consolidate_real.json`` (each mode's validation report folder is also copied under
+``--reports``, default ``bench/out/consolidate_real/<mode>/``; the run folder is the recipe's, under bench/out/runs/)
 and prints a table. Asserts nothing.
 """
 
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +34,9 @@ from nexus.conversion.peak_rss import peak_rss
 from nexus.conversion.recipe import validate_recipe
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import ARTEFACTS, RESULTS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MB = 2**20
@@ -91,7 +97,9 @@ def main():
     parser.add_argument("--recipe", default=str(HERE / "recipes" / "consolidate_real.yaml"))
     parser.add_argument("--modes", nargs="+", default=["off", "lr_scale"], choices=["off", "lr_scale", "anchor"])
     parser.add_argument("--steps", type=int, default=None, help="override stages.distill.steps")
-    parser.add_argument("--out", default=str(HERE / "out" / "consolidate_real.json"))
+    parser.add_argument("--out", default=str(RESULTS / "consolidate_real.json"), help="the result JSON")
+    parser.add_argument("--reports", default=str(ARTEFACTS / "consolidate_real"),
+                        help="each mode's validation report folder is copied to REPORTS/<mode>")
     args = parser.parse_args()
     console = Console()
     recipe_path = Path(args.recipe).resolve()
@@ -106,7 +114,7 @@ def main():
         t = time.perf_counter()
         result = run_consolidate(recipe, console=console)
         row = summarise(result, mode, time.perf_counter() - t)
-        keep = Path(args.out).with_suffix("") / mode
+        keep = Path(args.reports) / mode
         if keep.exists():
             shutil.rmtree(keep)
         shutil.copytree(Path(result["report"]["path"]), keep)

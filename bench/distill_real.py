@@ -39,7 +39,7 @@ Everything is built from the library pieces the ``distill`` stage composes (`tea
 7. **Retention** per capability = teacher bpb / student bpb on the same chunks, paired bootstrap 95% CIs
    (`conversion.retention`), min and mean over capabilities; the paired change in student bpb after - before.
 
-Writes ``bench/out/distill_real.json``; prints rich tables; asserts nothing. Speeds are ratios within one run.
+Writes ``bench/results/distill_real.json``; prints rich tables; asserts nothing. Speeds are ratios within one run.
 """
 
 import argparse
@@ -61,10 +61,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
-WORK = OUT / "distill_real"
-STUDENT = OUT / "compress_gemma"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import ARTEFACTS, RESULTS  # noqa: E402
+
+WORK = ARTEFACTS / "distill_real"
+STUDENT = ARTEFACTS / "compress_gemma"
 GGUF = "/work/cache/gemma-3-270m-q4_k_m.gguf"
 GGUF_CACHE = "/work/cache/gguf"
 CAPS = ("prose", "code")
@@ -516,7 +517,7 @@ def print_tables(r):
 def save(results):
     from nexus.conversion.atomic_output import atomic_file
 
-    with atomic_file(OUT / "distill_real.json") as tmp:
+    with atomic_file(RESULTS / "distill_real.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1, default=str))
 
 
@@ -637,7 +638,7 @@ def main():
     results["seconds"]["total"] = time.time() - start
     print_tables(results)
     save(results)
-    console.print(f"total {results['seconds']['total']:.0f}s; wrote {OUT / 'distill_real.json'}")
+    console.print(f"total {results['seconds']['total']:.0f}s; wrote {RESULTS / 'distill_real.json'}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ import through disk (`import_teacher`, the library behind `nexus import`) and ch
 
     python bench/gemma_import.py [--gguf /work/cache/gemma-3-270m-q4_k_m.gguf] [--chunks 2 --chunk-len 640]
 
-Writes bench/out/gemma_import.json. Prints figures; asserts nothing.
+Writes bench/results/gemma_import.json. Prints figures; asserts nothing.
 """
 
 import argparse
 import json
 import math
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from nexus.conversion.corpora import corpus_text
 from nexus.conversion.teacher_import import import_teacher, nexus_from_teacher
 from nexus.conversion.teacher_source import load_teacher
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import RESULTS  # noqa: E402
 DEFAULT_GGUF = Path("/work/cache/gemma-3-270m-q4_k_m.gguf")
 
 
@@ -153,7 +155,7 @@ def main():
     parser.add_argument("--chunk-len", type=int, default=640, help="> 512 exercises Gemma's sliding window")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-checkpoint", action="store_true", help="skip the import -> disk -> reload check")
-    parser.add_argument("--out", type=Path, default=HERE / "out" / "gemma_import.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gemma_import.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()

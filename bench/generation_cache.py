@@ -19,6 +19,7 @@ Writes bench/results/generation_cache.json. Prints a table; asserts nothing.
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nexus.conversion.atomic_output import atomic_file
 from nexus.conversion.corpora import arithmetic_items, corpus_text
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import RESULTS  # noqa: E402
 
 
 def prompts_for(capability, n, tokenizer, prompt_tokens=24):
@@ -63,7 +65,7 @@ def main():
     parser.add_argument("--student", type=Path, default=Path("runs/demo/export"))
     parser.add_argument("--prompts", type=int, default=16, help="prompts per capability")
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "generation_cache.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "generation_cache.json")
     args = parser.parse_args()
     if not (args.student / "config.json").is_file():
         raise SystemExit(f"error: no exported student at {args.student} (run `nexus demo` first, or pass --student)")

@@ -10,7 +10,7 @@ shared 2-core machine two OpenMP threads stall whenever one is descheduled, whic
 
     python bench/inference_speed.py [--shapes llama gemma] [--reps 5]
 
-Writes bench/out/inference_speed.json and prints a table. Asserts nothing.
+Writes bench/results/inference_speed.json and prints a table. Asserts nothing.
 """
 
 import argparse
@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from rich.table import Table
 from nexus.conversion.atomic_output import atomic_file
 from nexus.conversion.teacher_import import nexus_from_teacher
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import RESULTS  # noqa: E402
 
 SHAPES = {
     # the issue's reference shape
@@ -156,7 +158,7 @@ def main():
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16_autocast"],
                         choices=["fp32", "bf16_autocast"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=HERE / "out" / "inference_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "inference_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=150)

@@ -10,7 +10,7 @@ unbuffered output; in distillation also the last logged engine step), the tempor
 the rerun reused and where distillation resumed, whether the rerun's distilled weights and exported weights are
 bit-identical to the uninterrupted run's, and the temporaries left after the rerun (must be none).
 
-Prints a table and writes bench/out/kill_resume.json. Asserts nothing. Uses the tests' harness (tests/ on sys.path,
+Prints a table and writes bench/results/kill_resume.json. Asserts nothing. Uses the tests' harness (tests/ on sys.path,
 as bench/import_lossless_tiny.py does).
 
     OMP_NUM_THREADS=1 python bench/kill_resume.py [--steps 300] [--tokens 600] [--points 10]
@@ -27,10 +27,12 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import RESULTS  # noqa: E402
 from test_distill_stage import consolidate_recipe_file, save_two_teachers  # noqa: E402
 from test_kill_resume import final_weights, kill_after, leftovers, rerun, same_weights  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out" / "kill_resume.json"
+OUT = RESULTS / "kill_resume.json"
 # what the run prints as it goes (rich rules and lines), last one seen = where the run was
 MARKERS = (
     (r"memory plan: peak RAM per stage", "planning"),

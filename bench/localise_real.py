@@ -13,7 +13,8 @@
    layers, localised with every block and head ablated; seconds per stage and the growth exponent
    (log(t8 / t2) / log 4: 1 = linear in depth, 2 = quadratic).
 
-Writes bench/out/localise_real.json. Prints figures; asserts nothing.
+Writes bench/results/localise_real.json (the run folders are the recipe's, under bench/out/runs/). Prints figures;
+asserts nothing.
 """
 
 import argparse
@@ -41,6 +42,8 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
+from paths import RESULTS  # noqa: E402
+
 DEFAULT_RECIPE = HERE / "recipes" / "localise_real.yaml"
 SPECIALIST_TEACHER = "arith-specialist"  # trained here when missing; any other non-GGUF teacher must exist
 STAGES = ("base", "perturbation", "activation", "spectral", "causal", "total")
@@ -214,7 +217,7 @@ def main():
     console = Console()
     report = {"threads": torch.get_num_threads(), "matmul_gflops": matmul_speed()}
     console.print(f"matmul GFLOPS on this CPU ({report['threads']} threads): {report['matmul_gflops']}")
-    out = HERE / "out" / "localise_real.json"
+    out = RESULTS / "localise_real.json"
     if not args.skip_real:
         names = args.teacher or [t["name"] for t in yaml.safe_load(Path(args.recipe).read_text())["teachers"]]
         report["real"] = {}

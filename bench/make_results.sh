@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 7's one command: regenerate bench/RESULTS.md (+ RESULTS_retention.png) from JSON that the benches write.
+# Issue 7's one command: regenerate bench/RESULTS.md (+ RESULTS_retention.png) from JSON that the benches write
+# under bench/results/ (committed; the artefacts they also write stay in bench/out/, not tracked: bench/paths.py).
 #   bash bench/make_results.sh            # runs only what has no JSON yet (every step resumes), then renders
 #   bash bench/make_results.sh --force    # reruns every measurement
 # Measured on a 2-core AVX2 CPU, one thread: compare_methods ~35 min (10 variants), throughput_compare ~9 min,
@@ -10,12 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+results="$(python -c 'import sys; sys.path.insert(0, "bench"); from paths import RESULTS; print(RESULTS)')"
 force=""
 if [[ "${1:-}" == "--force" ]]; then force=1; fi
-if [[ -n "$force" || ! -f bench/out/inference_speed.json ]]; then
+if [[ -n "$force" || ! -f "$results/inference_speed.json" ]]; then
   python bench/inference_speed.py --shapes llama gemma --reps 9 --bf16-reps 5
 fi
-if [[ -n "$force" || ! -f bench/out/throughput_compare.json ]]; then
+if [[ -n "$force" || ! -f "$results/throughput_compare.json" ]]; then
   python bench/throughput_compare.py
 fi
 python bench/compare_methods.py ${force:+--force} --no-progress

@@ -12,8 +12,8 @@ Every measurement runs in a fresh child process (one at a time, 1 thread) and re
   seq) against the plan `nexus consolidate` makes before it (`stage_memory.plan_profile_ram`: safetensors headers,
   tokenizer, the probes' vocabulary-sliced head under the compute mode's dtype), both in the same fresh child.
 
-Prints plan-vs-measured tables with the ratio and writes bench/out/memory_plan_real.json
-(``--stage-only``: bench/out/memory_plan_profile_stage.json).
+Prints plan-vs-measured tables with the ratio and writes bench/results/memory_plan_real.json
+(``--stage-only``: bench/results/memory_plan_profile_stage.json).
 
     OMP_NUM_THREADS=1 python bench/memory_plan_real.py [--folder F] [--batch 8] [--seq 256] [--items 8]
                                                        [--stage-only]
@@ -26,8 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import RESULTS  # noqa: E402
+
 FOLDER = "/work/cache/gguf/gemma-3-270m-q4_k_m-e4f5d8795dcf8661-bfloat16"
-OUT = Path(__file__).resolve().parent / "out" / "memory_plan_real.json"
+OUT = RESULTS / "memory_plan_real.json"
 OUT_STAGE_ONLY = OUT.with_name("memory_plan_profile_stage.json")  # --stage-only leaves the full record in place
 MODES = ("runtime", "tokenizer", "load", "forward", "plan")
 STAGE_MODE = "profile_stage"

@@ -1,6 +1,6 @@
 """The memory planner against measured peak RSS, per stage and per run, from what the comparison runs recorded.
 
-    python bench/memory_plan_stages.py [--compare-dir bench/out/compare-gemma] [--compare-dir bench/out/compare]
+    python bench/memory_plan_stages.py [--compare-dir bench/results/compare-gemma] [--compare-dir bench/results/compare]
                                        [--fresh distill validate]
 
 `compare_methods.py` plans each stage of each variant just before it runs (`stage_ram_guard.guard_stage_ram`: the
@@ -8,25 +8,31 @@ same plan `nexus consolidate` and the stand-alone commands make, from the real i
 stage's measured peak RSS in the same process (VmHWM reset before the stage) under ``memory`` in the variant's JSON.
 This script reads those records (nothing is run), prints one row per (run, stage) with the plan, the measurement and
 plan / measured, and a summary per stage (min, median, max of the ratio; how many are within 15%), and writes
-``bench/out/memory_plan_stages.json``. A stage that reused its output (nothing computed) is listed but left out of
+``bench/results/memory_plan_stages.json``. A stage that reused its output (nothing computed) is listed but left out of
 the summary: its peak is not the stage's. The export (not part of a comparison run) is measured here: each folder's
 NEXUS student exported by `export_checkpoint` in a fresh child, against the recipe-less export plan made in that
 child just before. ``--fresh distill validate`` also redoes those stages of each folder's NEXUS run in a fresh child
 (into a temporary folder; distill rebuilds the teacher caches), so a stage is measured from a clean process rather
-than after the stages before it in the comparison's process. Asserts nothing.
+than after the stages before it in the comparison's process. The export and ``--fresh`` find a run's folders through
+the ``paths`` its JSON records (the stage artefacts under bench/out/compare-runs/, not tracked), so they need the
+machine that ran the comparison (without its student the export row is skipped, with a note). Asserts nothing.
 """
 
 import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import RESULTS  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out" / "memory_plan_stages.json"
+OUT = RESULTS / "memory_plan_stages.json"
 GOAL = 0.15  # issue 8: the plan within 15% of the measured peak
 MB = 2**20
 
@@ -151,25 +157,30 @@ def summary(rows) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compare-dir", type=Path, action="append",
-                        help="folders of compare_methods.py JSON (default: compare-gemma and compare under bench/out)")
+                        help="folders of compare_methods.py JSON (default: bench/results/compare-gemma and "
+                             "bench/results/compare)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--fresh", nargs="*", default=[], choices=["distill", "validate"],
                         help="also redo these stages of each folder's NEXUS run in a fresh child and measure them "
                              "(distill rebuilds the teacher caches: minutes on Gemma-3-270M)")
     args = parser.parse_args(argv)
-    folders = args.compare_dir or [HERE / "out" / "compare-gemma", HERE / "out" / "compare"]
+    folders = args.compare_dir or [RESULTS / "compare-gemma", RESULTS / "compare"]
     rows = [r for f in folders for r in rows_from(f)]
+    console = Console(width=200)
     for folder in folders:  # the export of each folder's NEXUS student, measured here in a child
         nexus = Path(folder) / "nexus.json"
         if nexus.is_file():
             record = json.loads(nexus.read_text())
             if record.get("status") == "done":
-                rows.append(export_row(Path(record["paths"]["student"]), "nexus", record.get("scale")))
+                student = Path(record["paths"]["student"])
+                if student.is_dir():
+                    rows.append(export_row(student, "nexus", record.get("scale")))
+                else:  # committed JSON without the run's artefacts (another machine, or bench/out/ cleared)
+                    console.print(f"[yellow]{nexus}: its student {student} is not here: export not measured[/]")
         for stage in args.fresh:
             row = fresh_stage_row(folder, stage)
             if row is not None:
                 rows.append(row)
-    console = Console(width=200)
     table = Table(title="memory plan vs measured peak RSS, per stage (plan made just before the stage)")
     for col in ("scale", "variant", "stage", "planned MiB", "measured MiB", "plan / measured", "largest planned parts"):
         table.add_column(col)

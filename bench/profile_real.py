@@ -1,7 +1,7 @@
 """The real profile (issue 3): Gemma-3-270M plus an arithmetic specialist, on prose, code and arithmetic, with CIs.
 
     python bench/profile_real.py [--recipe bench/recipes/profile_real.yaml] [--max-items N] [--force]
-                                 [--no-specialist] [--memory-breakdown] [--out bench/out/profile_real.json]
+                                 [--no-specialist] [--memory-breakdown] [--out bench/results/profile_real.json]
 
 1. Makes sure the GGUF exists and is converted once into the safetensors cache (in a child process, so the
    one-off conversion does not count towards this process's memory).
@@ -21,7 +21,7 @@
    one lm-probe batch of 8 x 256 tokens through the same compute path. Both are absolute, so the interpreter and
    library baseline sits on both sides. Target: ratio <= 1.2 (the largest single teacher + 20%).
 
-Writes bench/out/profile_real.json. Prints figures; asserts nothing.
+Writes bench/results/profile_real.json (run folders, the bf16 copy: under bench/out/). Prints figures; asserts nothing.
 """
 
 import argparse
@@ -40,6 +40,9 @@ from nexus.conversion.profile_report import profile_table
 from nexus.conversion.recipe import validate_recipe
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import ARTEFACTS, RESULTS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RECIPE = HERE / "recipes" / "profile_real.yaml"
@@ -94,7 +97,7 @@ def ensure_specialist(folder, console):
 def memory_breakdown(teacher_source, cache_dir):
     """Peak RSS above the child's start for: tokenizer alone, model from the fp32 cache, model from a bf16 copy."""
     folder = ensure_gguf_cache({"source": teacher_source}, cache_dir) or teacher_source
-    bf16 = HERE / "out" / "bf16_copy" / Path(folder).name
+    bf16 = ARTEFACTS / "bf16_copy" / Path(folder).name
     probe = """
         import gc, json, torch
         from nexus.conversion.peak_rss import current_rss, peak_rss, reset_peak_rss
@@ -131,15 +134,15 @@ def cli_peak(raw, teacher_source, cache_dir):
     """Peak RSS of `nexus profile` as its own process vs a process holding the largest teacher at work."""
     import shutil
 
-    cli_raw = {**raw, "name": "profile_real_cli", "run_dir": str((HERE / "out" / "runs").resolve()),
+    cli_raw = {**raw, "name": "profile_real_cli", "run_dir": str((ARTEFACTS / "runs").resolve()),
                "cache_dir": str(cache_dir)}
-    recipe_file = HERE / "out" / "profile_real_cli.yaml"
+    recipe_file = ARTEFACTS / "profile_real_cli.yaml"
     recipe_file.write_text(yaml.safe_dump(cli_raw, sort_keys=False))
     subprocess.run([shutil.which("nexus") or "nexus", "profile", str(recipe_file), "--force", "--quiet"],
                    stdout=subprocess.DEVNULL, check=True)
     # The stage resets the kernel's high-water mark (VmHWM, and with it ru_maxrss) at its start and per teacher, and
     # records the largest peak of each span itself; the process's imports before it peak far lower.
-    memory = json.loads((HERE / "out" / "runs" / "profile_real_cli" / "profile" / "profile.json").read_text())["memory"]
+    memory = json.loads((ARTEFACTS / "runs" / "profile_real_cli" / "profile" / "profile.json").read_text())["memory"]
     cli = max(memory["peak_rss_bytes"], memory.get("planning_peak_rss_bytes") or 0)
     alone = json.loads(child(f"""
         import json, torch
@@ -176,7 +179,7 @@ def main():
                                                                  "compare its peak RSS with the largest teacher alone")
     parser.add_argument("--only-cli-peak", action="store_true", help="run only the --cli-peak measurement and add it "
                                                                       "to an existing --out JSON")
-    parser.add_argument("--out", default=str(HERE / "out" / "profile_real.json"), help="where the JSON report goes")
+    parser.add_argument("--out", default=str(RESULTS / "profile_real.json"), help="where the JSON report goes")
     args = parser.parse_args()
     console = Console()
     rss_after_imports = current_rss()

@@ -52,7 +52,7 @@ next loads, as `conversion.distill.run_distill` does. *All resident*: every teac
 resident through caching and the student steps (what an online multi-teacher trainer holds). Also: the import
 floor, and each teacher alone.
 
-Writes ``bench/out/throughput_compare.json`` ({"tokens_per_s", "ratios", "peak_rss_mib", "config", ...}); prints
+Writes ``bench/results/throughput_compare.json`` ({"tokens_per_s", "ratios", "peak_rss_mib", "config", ...}); prints
 rich tables; asserts nothing. Speeds are only compared as ratios measured in this run.
 """
 
@@ -71,12 +71,11 @@ from pathlib import Path
 
 import torch
 from distill_real import engine_round, log, raw_round, training_chunks, trim_heap
+from paths import ARTEFACTS, RESULTS
 from rich.console import Console
 from rich.table import Table
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
-WORK = OUT / "throughput_compare"
+WORK = ARTEFACTS / "throughput_compare"
 SPECIALISTS = Path("/work/cache/specialists")
 GGUF = "/work/cache/gemma-3-270m-q4_k_m.gguf"
 GGUF_CACHE = "/work/cache/gguf"
@@ -611,7 +610,7 @@ def print_tables(r):
 def save(results):
     from nexus.conversion.atomic_output import atomic_file
 
-    with atomic_file(OUT / "throughput_compare.json") as tmp:
+    with atomic_file(RESULTS / "throughput_compare.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1, default=str))
 
 
@@ -688,7 +687,7 @@ def main():
     results["seconds_total"] = time.time() - start
     print_tables(results)
     save(results)
-    console.print(f"total {results['seconds_total']:.0f}s; wrote {OUT / 'throughput_compare.json'}")
+    console.print(f"total {results['seconds_total']:.0f}s; wrote {RESULTS / 'throughput_compare.json'}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Train the three specialist teachers with their real step counts and print competence and timings.
 
     python bench/train_specialists.py [OUT_ROOT] [--only arithmetic --only code ...] [--threads N]
+                                      [--summary bench/results/specialists.json]
 
 Writes ``OUT_ROOT/{arithmetic,code,prose}`` (default root ``/work/cache/specialists``; a finished folder of the same
-recipe is reused, not retrained) and ``OUT_ROOT/specialists.json`` with every figure printed here.
+recipe is reused, not retrained) and the result JSON ``bench/results/specialists.json`` with every figure printed
+here (``--summary``; it keeps the figures of specialists not trained in this run when it is about the same root).
 """
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,22 +21,28 @@ from rich.table import Table
 from nexus.conversion.atomic_output import atomic_file
 from nexus.training.specialists import SPECIALISTS, load_competence, train_specialist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py
+from paths import RESULTS  # noqa: E402
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_root", nargs="?", default="/work/cache/specialists")
     parser.add_argument("--only", action="append", choices=sorted(SPECIALISTS), help="train only these (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--summary", type=Path, default=RESULTS / "specialists.json", help="the result JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.out_root)
     console = Console(width=180)
     names = args.only or list(SPECIALISTS)
-    summary_path = root / "specialists.json"
-    summary = {"specialists": {}}
-    if summary_path.is_file():  # keep the figures of specialists not trained in this run
-        summary = json.loads(summary_path.read_text())
+    summary_path = args.summary
+    summary = {"root": str(root.resolve()), "specialists": {}}
+    if summary_path.is_file():  # keep the figures of specialists not trained in this run (same root only)
+        previous = json.loads(summary_path.read_text())
+        if previous.get("root") == summary["root"]:
+            summary = previous
     summary["threads"] = torch.get_num_threads()
     for name in names:
         started = time.perf_counter()

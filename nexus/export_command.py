@@ -15,7 +15,7 @@ def export(
                                         "widths with zero weights (logits unchanged)"),
     gguf: bool = typer.Option(False, "--gguf", help="with --standard: also write OUT/model-<dtype>.gguf"),
     gguf_dtype: str = typer.Option("f32", "--gguf-dtype", help="GGUF matrix type: f32, f16 or q8_0"),
-    tower: str = typer.Option("0", "--tower", help="with --standard: the tower to export (index or name)"),
+    tower: str = typer.Option("0", "--tower", help="with --standard: the tower to export (index, name, or a capability it serves)"),
     card: str = typer.Option(None, "--card", help="model card markdown to ship (default: the source's own, "
                              "else a minimal one)"),
     tokenizer: str = typer.Option(None, "--tokenizer", help="take the tokenizer from this folder instead of SRC"),

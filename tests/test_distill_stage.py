@@ -1,5 +1,5 @@
 """The distill stage end to end on two tiny teachers with different tokenizers (issue 5): a 2-tower student is built
-(one tower per capability, from its best teacher), distilled for a few steps with token-aligned KD, and the
+(one tower per best teacher; here each capability has its own), distilled for a few steps with token-aligned KD, and the
 checkpoint loads through AutoModelForCausalLM; exact resume, the alignment-mode error and cache repair."""
 
 import json
@@ -94,12 +94,15 @@ def state(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_student_has_one_tower_per_capability_from_its_best_teacher_within_budget(built):
+def test_student_has_one_tower_per_best_teacher_within_budget(built):
     _, init, record = built
     assert [(t["capability"], t["teacher"]) for t in record["towers"]] == [("prose", "llama_char"),
                                                                            ("code", "qwen_bpe")]
     assert record["params"] <= record["budget"]["params"] == int(0.6 * record["teacher_params_total"])
-    assert sum(record["embedding_rows"].values()) >= 1 and any("owner" in k for k in record["embedding_rows"])
+    # the default tokenizer is the base teacher's: best on one capability each, so the larger (qwen_bpe), its rows
+    # copied exactly (train_bpe's rows by owner: tests/test_base_vocabulary.py)
+    assert record["tokenizer"]["base_teacher"] == "qwen_bpe"
+    assert record["embedding_rows"] == {"from base teacher qwen_bpe (exact)": record["tokenizer"]["kept"]}
     model = AutoModelForCausalLM.from_pretrained(init, trust_remote_code=True)
     assert model.config.capability_to_tower == {"prose": 0, "code": 1}
     assert sum(p.numel() for p in model.parameters()) == record["params"]
@@ -108,13 +111,15 @@ def test_student_has_one_tower_per_capability_from_its_best_teacher_within_budge
 def test_distilled_student_loads_trains_and_reports_router_accuracy(straight):
     out, summary = straight
     assert summary["train"]["steps"] == STEPS and summary["train"]["skipped_steps"] == 0
-    assert summary["alignment"] == {"llama_char": "token_aligned", "qwen_bpe": "token_aligned"}
+    # qwen_bpe is the base teacher and the prose + code text use its whole 320-token vocabulary: identity
+    assert summary["alignment"] == {"llama_char": "token_aligned", "qwen_bpe": "identity"}
     router = summary["router_accuracy"]
     assert 0.0 <= router["overall"] <= 1.0 and router["n"] > 0 and set(router["per_capability"]) == {"prose", "code"}
     for key, bpt in summary["bytes_per_token"].items():
         entry = summary["caches"][key]
         assert bpt == pytest.approx(entry["train_cache"]["bytes_per_token"]) and bpt > 0
-        assert 0 < entry["train_alignment"]["aligned_fraction"] <= 1
+        if key.startswith("llama_char"):
+            assert 0 < entry["train_alignment"]["aligned_fraction"] <= 1
     assert (out / "lmc" / "lmc.png").is_file() and summary["lmc"]["best_alpha"] in (0.0, 1.0)
     assert json.loads((out / "distill.json").read_text())["router_accuracy"] == router
     lines = (out / "engine" / "run_log.jsonl").read_text().splitlines()
@@ -152,8 +157,8 @@ def test_resume_after_a_simulated_crash_gives_bit_identical_weights(built, strai
 
 def test_identity_alignment_with_a_different_vocabulary_names_the_modes(two_teachers, built, tmp_path):
     _, init, _ = built
-    recipe = make_recipe(two_teachers, tmp_path, alignment={"qwen_bpe": "identity"})
-    with pytest.raises(DistillError, match="qwen_bpe") as err:
+    recipe = make_recipe(two_teachers, tmp_path, alignment={"llama_char": "identity"})
+    with pytest.raises(DistillError, match="llama_char") as err:
         run_distill(recipe, init, profile=PROFILE, out=tmp_path / "distill", show_progress=False)
     assert "'token_aligned'" in str(err.value) and "'sequence'" in str(err.value)
     assert not (tmp_path / "distill").exists()  # refused before anything was written
@@ -195,7 +200,10 @@ def test_consolidate_cli_runs_every_stage_and_a_rerun_reuses_them(two_teachers, 
     report = json.loads((run / "validate" / "report.json").read_text())
     assert set(report["retention"]) == {"prose", "code"} and report["student_params"] > 0
     exported = AutoModelForCausalLM.from_pretrained(run / "export", trust_remote_code=True)
-    assert len(exported.config.towers) == 2
+    best = json.loads((run / "profile" / "profile.json").read_text())["best"]
+    towers = list(dict.fromkeys(best[c] for c in ("prose", "code")))  # one tower per best teacher
+    assert [t["name"] for t in exported.config.towers] == towers
+    assert exported.config.capability_to_tower == {c: towers.index(best[c]) for c in ("prose", "code")}
     weights = state(run / "distill" / "student")
     second = CliRunner().invoke(app, ["consolidate", str(recipe), "--quiet"], env={"COLUMNS": "200"})
     assert second.exit_code == 0, second.output
@@ -210,11 +218,13 @@ def consolidate_recipe_file(teachers, root, steps, **validate):
     ``validate`` adds stages.validate options (e.g. ``min_retention``)."""
     import yaml
 
+    # the teachers are random, so no teacher is competent at anything: the capabilities are kept anyway (their
+    # retention is flagged), since these runs exercise the pipeline, not the teachers
     raw = {
         "name": "tiny", "run_dir": str(root / "runs"),
         "teachers": [{"name": n, "source": str(p), "dtype": "fp32"} for n, p in teachers.items()],
-        "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose"},
-                         {"name": "code", "probe": "lm", "data": "bundled:code"}],
+        "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose", "require_competent_teacher": False},
+                         {"name": "code", "probe": "lm", "data": "bundled:code", "require_competent_teacher": False}],
         "stages": {
             "profile": {"max_items": 6, "n_bootstrap": 50, "window_tokens": 32},
             "student_build": {"bpe_vocab_size": 300, "budget_fraction": 0.6, "allocation": "dynamic",

@@ -117,6 +117,8 @@ def test_qwen2_folder_with_a_char_tokenizer_json_loads_that_tokenizer_json(qwen2
 
 def test_the_class_guess_that_loses_spaces_fails_the_roundtrip_naming_teacher_and_text(qwen2_char):
     guessed = AutoTokenizer.from_pretrained(qwen2_char)  # what load_tokenizer returned before: Qwen2Tokenizer
+    if guessed.decode(guessed("Hello, world", add_special_tokens=False).input_ids) == "Hello, world":
+        pytest.skip(f"this transformers ({type(guessed).__name__}) guesses a class that keeps the spaces")
     with pytest.raises(TokenizerRoundTripError) as info:
         check_roundtrip(guessed, ["Hello, world"], "prose_char", "prose")
     assert str(info.value) == ("teacher 'prose_char': tokenizer does not round-trip the capability 'prose' text: "

@@ -33,10 +33,12 @@ def test_the_build_uses_the_recipe_switch_and_the_capability_weights(two_teacher
     options = recipe.stages["student_build"].model_copy(update={"tower_budget": "weighted_share"})
     recipe.stages["student_build"] = type(options).model_validate(options.model_dump())
     _, record = build_student(recipe, PROFILE, tmp_path / "init", texts=small_texts(recipe), show_progress=False)
-    budgets = {t["capability"]: t["layer_budget"] for t in record["towers"]}
-    layers = {t["capability"]: t["teacher_layer_params"] for t in record["towers"]}
+    # one tower per teacher (here each is the best at one capability), weighted by the capabilities it serves
+    budgets = {t["teacher"]: t["layer_budget"] for t in record["towers"]}
+    layers = {t["teacher"]: t["teacher_layer_params"] for t in record["towers"]}
     available = record["budget"]["params"] - record["budget"]["fixed_params"]
+    assert {t["teacher"]: t["budget_weight"] for t in record["towers"]} == {"llama_char": 3.0, "qwen_bpe": 1.0}
     assert budgets == split_budget(record["budget"]["params"], record["budget"]["fixed_params"], layers,
-                                   {"prose": 3.0, "code": 1.0})[1]
-    assert budgets["prose"] > budgets["code"] or budgets["code"] == layers["code"]
+                                   {"llama_char": 3.0, "qwen_bpe": 1.0})[1]
+    assert budgets["llama_char"] > budgets["qwen_bpe"] or budgets["qwen_bpe"] == layers["qwen_bpe"]
     assert sum(budgets.values()) <= available and record["params"] <= record["budget"]["params"]

@@ -20,10 +20,12 @@ from nexus.validate_command import GATE_FAILED, validate
 from typer.testing import CliRunner
 
 FAST = {"max_items": 4, "n_bootstrap": 200, "window_tokens": 64, "batch_size": 8, "compute": "native"}
+# the teachers are random (no one is competent): these capabilities keep their retention anyway, flagged
+KEEP = {"require_competent_teacher": False}
 CAPS = [
-    {"name": "prose", "probe": "lm", "data": "bundled:prose"},
-    {"name": "code", "probe": "lm", "data": "bundled:code"},
-    {"name": "quiz", "probe": "multiple_choice", "data": "quiz.jsonl", "teachers": ["llama_char"]},
+    {"name": "prose", "probe": "lm", "data": "bundled:prose", **KEEP},
+    {"name": "code", "probe": "lm", "data": "bundled:code", **KEEP},
+    {"name": "quiz", "probe": "multiple_choice", "data": "quiz.jsonl", "teachers": ["llama_char"], **KEEP},
 ]
 
 app = typer.Typer(add_completion=False)
@@ -426,7 +428,14 @@ def test_capability_routing_scores_each_capability_on_its_own_tower(two_tower_st
     assert report["retention"]["prose"]["value"] == pytest.approx(1.0, abs=1e-6)  # tower 0 is the teacher
     assert min(report["cka"]["llama_char"]["prose"]["per_layer"]) > 0.999
     assert max(report["cka"]["llama_char"]["arithmetic"]["per_layer"][1:]) < 0.999  # the noisy tower
-    arithmetic = report["retention"]["arithmetic"]
-    assert arithmetic["teacher_score"] == 0  # a random teacher solves no sum: retention of it means nothing ...
-    assert arithmetic["value"] is None and arithmetic["ci"] is None and "arithmetic" in report["undefined"]
+    # a random teacher solves no sum: no competent teacher, so no retention number; listed first instead ...
+    assert "arithmetic" not in report["retention"] and "arithmetic" not in report["per_teacher"]
+    arithmetic = report["no_competent_teacher"]["arithmetic"]
+    assert arithmetic["teacher"] == "llama_char" and arithmetic["teacher_score"] == 0
+    assert arithmetic["metric"] == "exact_match" and arithmetic["teachers"]["llama_char"]["competent"] is False
     assert report["min"]["capability"] == "prose" and report["mean"]["capabilities"] == ["prose"]  # ... left out
+    assert report["competence_waived"] == ["prose"] and report["retention"]["prose"]["competent"] is False
+    md = (recipe.run_path / "validate" / "report.md").read_text()
+    first = md.split("\n## ")[0]  # before the first section: the top of the report
+    assert "No competent teacher" in first and "arithmetic" in first
+    assert "| arithmetic | llama_char | exact_match ↑ | **no competent teacher** |" in md

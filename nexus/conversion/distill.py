@@ -1,12 +1,14 @@
-"""The distill stage: every capability's tower learns from its best teacher(s); the router learns the capabilities.
+"""The distill stage: every capability's tower learns from its best teacher(s); the router learns the towers.
 
     summary = run_distill(recipe, "runs/demo/student_build")
 
 1. **Plan** (nothing loaded but tokenizers, nothing written on bad input): the student's towers must serve every
-   capability (``config.capability_to_tower``); each capability's teachers are its ``teachers_per_capability`` best
-   in the profile; each teacher's alignment mode (``alignment.TEACHER``, else ``default_alignment``; ``auto`` =
-   ``identity`` when the teacher shares the student's vocabulary, else ``token_aligned``) is checked against the
-   tokenizers, so ``identity`` with a foreign vocabulary fails at once naming the modes.
+   capability (``config.capability_to_tower``; several capabilities may share a tower) except those no teacher is
+   competent at (`profile.dropped_capabilities`: the build gave them no tower, distillation skips them); each
+   capability's teachers are its ``teachers_per_capability`` best in the profile; each teacher's alignment mode
+   (``alignment.TEACHER``, else ``default_alignment``; ``auto`` = ``identity`` when the teacher shares the
+   student's vocabulary, else ``token_aligned``) is checked against the tokenizers, so ``identity`` with a foreign
+   vocabulary fails at once naming the modes.
 2. **Teacher caches** (`training.teacher_cache`): per (teacher, capability), the teacher's top-k logits on the
    capability's training chunks (`conversion.training_text`), in ``distill/caches/<teacher>--<capability>/``.
    Teachers run ONE at a time: loaded, run over every capability they teach, freed before the next. A cache with the
@@ -17,9 +19,11 @@
    ``heldout_fraction`` of chunks is held out (router accuracy, the LMC score).
 4. **Engine** (`training.distill_engine.train_student`): every optimizer step takes one micro-batch per (capability,
    teacher) group (gradient accumulation), each forced through its capability's tower; the router runs on the same
-   rows and is trained on their capability labels (the loss mix's ``router`` part). Checkpoints every
-   ``checkpoint_every`` steps and exact resume; the NaN/inf guard; in-process preservation (``preservation``:
-   off / lr_scale / anchor, importance = first-order Taylor on the first training batches).
+   rows and is trained on their tower index (``capability_to_tower`` of their capability: the router's classes are
+   the towers; the loss mix's ``router`` part; a one-tower student has no router and the part is off). Router
+   accuracy is reported overall and per capability. Checkpoints every ``checkpoint_every`` steps and exact resume;
+   the NaN/inf guard; in-process preservation (``preservation``: off / lr_scale / anchor, importance = first-order
+   Taylor on the first training batches).
 5. **LMC** (`training.lmc`): the held-out cross-entropy (mean over capabilities) along the path init -> distilled;
    the student is the best alpha; ``lmc/lmc.json`` + ``lmc/lmc.png``.
 
@@ -131,9 +135,15 @@ class DistillError(ValueError):
 
 
 def capability_teachers(recipe, profile, n):
-    """{capability: [teacher, ...]} its ``n`` best-scored teachers in the profile (best first)."""
+    """{capability: [teacher, ...]} its ``n`` best-scored teachers in the profile (best first), for every capability
+    the student serves (one no teacher is competent at is left out: `profile.dropped_capabilities`)."""
+    from .profile import dropped_capabilities
+
+    dropped = dropped_capabilities(recipe, profile)
     out = {}
     for i, cap in enumerate(recipe.capabilities):
+        if cap.name in dropped:
+            continue
         scored = (profile.get("capabilities") or {}).get(cap.name) or {}
         if not scored:
             raise DistillError(f"capability {cap.name!r} (capabilities[{i}]) has no scored teacher in the profile; "
@@ -401,11 +411,22 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
     student_tok = load_tokenizer(student_init)
     model = checked_from_pretrained(NexusForCausalLM, student_init, what="student init", dtype=torch.float32).eval()
     cap_to_tower = model.config.capability_to_tower
-    missing = [c.name for c in recipe.capabilities if c.name not in cap_to_tower]
+    mix = options.loss
+    if mix.router > 0 and len(model.config.towers) == 1:  # e.g. every capability's best teacher is the same one
+        try:
+            mix = LossMix.model_validate({**mix.model_dump(), "router": 0.0})
+        except ValueError:
+            raise DistillError("stages.distill.loss: the student has one tower, so the router part has nothing to "
+                               "learn and every other loss weight is 0; give kd or ce a positive weight") from None
+        console.print("  one tower: no router to train (loss.router ignored)")
+    teachers_of = capability_teachers(recipe, profile, options.teachers_per_capability)  # served capabilities only
+    missing = [c for c in teachers_of if c not in cap_to_tower]
     if missing:
         raise DistillError(f"the student at {student_init} has no tower for capability(ies) {missing}; its towers "
                            f"serve {sorted(cap_to_tower)}")
-    teachers_of = capability_teachers(recipe, profile, options.teachers_per_capability)
+    no_competent = [c.name for c in recipe.capabilities if c.name not in teachers_of]
+    if no_competent:
+        console.print(f"  [bold red]no competent teacher for {', '.join(no_competent)}[/]: not distilled")
     folders, tokenizers = {}, {}
     for name in dict.fromkeys(t for ts in teachers_of.values() for t in ts):
         spec = recipe.teacher(name)
@@ -414,6 +435,8 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
     modes = plan_alignment(recipe, options, teachers_of, student_tok, tokenizers)
     texts, held = {}, {}
     for cap in recipe.capabilities:
+        if cap.name not in teachers_of:
+            continue
         t = training_text(cap.name, cap.data, options.train_data.get(cap.name), options.chunk_chars,
                           items=options.arithmetic_items)
         train, heldout = _split(t, options.heldout_fraction)
@@ -510,7 +533,6 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
     release_freed_memory()
 
     # ---------------------------------------------------------------- engine
-    mix = options.loss
     loss_module = GroupLoss(mix)
     forward = make_forward(router=mix.router > 0 and len(model.config.towers) > 1)
     batches = GroupBatches(groups, options.batch_size, options.seed)
@@ -561,6 +583,8 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         "student_init": str(student_init),
         "params": sum(p.numel() for p in model.parameters()),
         "teachers_of": teachers_of,
+        "capability_to_tower": dict(cap_to_tower),
+        "no_competent_teacher": no_competent,
         "alignment": modes,
         "caches": caches,
         "bytes_per_token": {k: e["train_cache"]["bytes_per_token"] for k, e in caches.items() if "train_cache" in e},

@@ -9,7 +9,9 @@ prose to ``<unk>`` cannot) and, where it can, whether it decodes a sample of the
 Writes ``runs/<name>/profile/``:
 
 - ``profile.json``: ``{"capabilities": {CAP: {TEACHER: {"metric", "score", "ci": [lo, hi], "n", ...}}},
-  "best": {CAP: TEACHER}, "baselines": {CAP: {...}}, "competent": {CAP: {TEACHER: bool}}, "skipped", "memory", ...}``
+  "best": {CAP: TEACHER}, "baselines": {CAP: {...}}, "competent": {CAP: {TEACHER: bool}}, "no_competent_teacher":
+  [CAP, ...], "skipped", "memory", ...}``. A capability in ``no_competent_teacher`` (no teacher's CI clear of its
+  trivial baseline, or exact match 0) is shown in red by the profile table; the student build gives it no tower;
 - ``items.json``: per-item scores (CAP -> TEACHER -> list), for paired retention intervals later;
 - ``heatmap.png``: teacher x capability, each cell annotated with its score and CI;
 - ``manifest.json``: fingerprints of the inputs; a rerun with the same inputs is skipped.
@@ -166,8 +168,10 @@ def profile_inputs(recipe: Recipe) -> dict:
     """Everything the profile depends on; a rerun with equal inputs reuses the previous profile."""
     return {
         "teachers": [{**t.model_dump(mode="json"), "files": _source_fingerprint(t.source)} for t in recipe.teachers],
-        "capabilities": [{**c.model_dump(mode="json"), "data_digest": _data_fingerprint(c.data)}
-                         for c in recipe.capabilities],
+        # require_competent_teacher decides what later stages do with the scores, not the scores: left out, so
+        # switching it reuses the profile (the build and validate key on it themselves)
+        "capabilities": [{**c.model_dump(mode="json", exclude={"require_competent_teacher"}),
+                          "data_digest": _data_fingerprint(c.data)} for c in recipe.capabilities],
         "options": recipe.stage(STAGE).model_dump(mode="json"),
     }
 
@@ -196,6 +200,40 @@ def _is_competent(result, baseline):
         return None
     _, (lo, hi) = figure
     return bool(lo > baseline["score"]) if baseline["higher_is_better"] else bool(hi < baseline["score"])
+
+
+def _scores_zero(result):
+    """A higher-is-better task score of exactly 0 (exact match 0: the teacher never solves an item)."""
+    return bool(result.get("higher_is_better")) and result.get("score") == 0
+
+
+def no_competent_teacher(capabilities: dict, baselines: dict) -> list:
+    """The capabilities (in order) no teacher is competent at: every scored teacher's CI is not clear of the
+    trivial baseline (`_is_competent` False) or its higher-is-better score is 0 (exact match 0). A teacher whose
+    competence cannot be judged (no figure in the baseline's metric) counts as possibly competent."""
+    out = []
+    for cap, by_teacher in capabilities.items():
+        if by_teacher and cap in baselines and all(
+                _scores_zero(r) or _is_competent(r, baselines[cap]) is False for r in by_teacher.values()):
+            out.append(cap)
+    return out
+
+
+def profile_no_competent_teacher(profile: dict) -> list:
+    """``profile["no_competent_teacher"]``, or (a profile written before it was recorded) computed from its scores
+    and baselines; a profile without baselines (written by hand) has none."""
+    if "no_competent_teacher" in profile:
+        return list(profile["no_competent_teacher"] or [])
+    if profile.get("baselines") and profile.get("capabilities"):
+        return no_competent_teacher(profile["capabilities"], profile["baselines"])
+    return []
+
+
+def dropped_capabilities(recipe: Recipe, profile: dict) -> list:
+    """The recipe's capabilities (recipe order) that get no tower, no budget and no retention number: no teacher is
+    competent at them and they keep ``require_competent_teacher`` (the default)."""
+    flagged = set(profile_no_competent_teacher(profile))
+    return [c.name for c in recipe.capabilities if c.name in flagged and c.require_competent_teacher]
 
 
 def best_teachers(capabilities: dict) -> tuple[dict, dict]:
@@ -327,6 +365,9 @@ def _profile_into(folder, recipe, probes, plan, skipped, inputs, console, show_p
         "baselines": baselines,
         "competent": {cap: {t: _is_competent(r, baselines[cap]) for t, r in by_t.items()}
                       for cap, by_t in results.items()},
+        # no teacher is competent: a loud warning here; the build gives them no tower (unless the capability sets
+        # require_competent_teacher: false) and validate lists them instead of a retention number
+        "no_competent_teacher": no_competent_teacher(results, baselines),
         "skipped": skipped,
         "weights": {c.name: c.weight for c in recipe.capabilities},
         "teachers": teachers,

@@ -35,16 +35,37 @@ def _rows(profile):
     return teachers
 
 
+def competence_warning(profile):
+    """The loud line for capabilities no teacher is competent at (rich markup), or None when every capability has
+    one."""
+    from .profile import profile_no_competent_teacher
+
+    caps = profile_no_competent_teacher(profile)
+    if not caps:
+        return None
+    return (f"[bold red]WARNING: no competent teacher for {', '.join(caps)}[/][red]: no teacher's score is clear of "
+            "the trivial baseline (or exact match is 0), so retention of it would mean nothing; the student build "
+            "gives it no tower and no budget, and validate lists it as 'no competent teacher' (unless the "
+            "capability sets require_competent_teacher: false)[/]")
+
+
 def profile_table(profile):
-    """A rich Table: one row per teacher plus the baseline, one column per capability, best cells starred."""
+    """A rich Table: one row per teacher plus the baseline, one column per capability, best cells starred. A
+    capability no teacher is competent at has a red column, and the table comes back as a Group with a red warning
+    line under it (either prints with ``console.print``)."""
     from rich.table import Table
 
+    from .profile import profile_no_competent_teacher
+
     caps = list(profile["capabilities"])
+    incompetent = set(profile_no_competent_teacher(profile))
     table = Table(title=f"profile of {profile.get('recipe', '')}: score [95% CI]", show_lines=False)
     table.add_column("teacher", style="cyan", no_wrap=True)
     for cap in caps:
         metric, higher = _column_metric(profile, cap)
-        table.add_column(f"{cap}\n{metric} {'↑' if higher else '↓'}", justify="right")
+        head = f"{cap}\n{metric} {'↑' if higher else '↓'}"
+        table.add_column(f"[bold red]{head}\nNO COMPETENT TEACHER[/]" if cap in incompetent else head,
+                         justify="right")
     for teacher in _rows(profile):
         cells = []
         for cap in caps:
@@ -55,7 +76,7 @@ def profile_table(profile):
                 continue
             text = _cell(result)
             if profile["best"].get(cap) == teacher:
-                text = f"[bold green]{text} *[/]"
+                text = f"[bold red]{text} *[/]" if cap in incompetent else f"[bold green]{text} *[/]"
             elif profile.get("competent", {}).get(cap, {}).get(teacher) is False:
                 text = f"[yellow]{text}[/]"
             cells.append(text)
@@ -63,6 +84,12 @@ def profile_table(profile):
     table.add_row(BASELINE_ROW, *[f"[dim]{_cell(profile['baselines'][c])}[/]" for c in caps], end_section=True)
     table.caption = ("* best teacher; yellow: CI not clear of the trivial baseline; "
                      "baseline: unigram-over-bytes (lm), chance (multiple choice), majority answer (exact match)")
+    warning = competence_warning(profile)
+    if warning:  # printed under the table at full width, not in the caption's dim style: it has to be seen
+        from rich.console import Group
+        from rich.text import Text
+
+        return Group(table, Text.from_markup(warning))
     return table
 
 
@@ -73,6 +100,8 @@ def write_profile_heatmap(profile, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from .profile import profile_no_competent_teacher
 
     caps = list(profile["capabilities"])
     rows = _rows(profile) + [BASELINE_ROW]
@@ -104,7 +133,13 @@ def write_profile_heatmap(profile, path):
             ax.text(j, i, labels[i][j] + star, ha="center", va="center", fontsize=8,
                     color="black" if bright or np.isnan(shade[i, j]) else "white")
     heads = [_column_metric(profile, c) for c in caps]
-    ax.set_xticks(range(len(caps)), [f"{c}\n{m} {'↑' if h else '↓'}" for c, (m, h) in zip(caps, heads)])
+    incompetent = set(profile_no_competent_teacher(profile))
+    ax.set_xticks(range(len(caps)), [f"{c}\n{m} {'↑' if h else '↓'}" + ("\nno competent teacher" if c in incompetent
+                                                                        else "")
+                                     for c, (m, h) in zip(caps, heads)])
+    for label, cap in zip(ax.get_xticklabels(), caps):
+        if cap in incompetent:
+            label.set_color("red")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title(f"profile {profile.get('recipe', '')}: score [95% CI]; colour per column, bright = better; * best",
                  fontsize=9)

@@ -106,6 +106,11 @@ class CapabilitySpec(_Strict):
         False, description="true: this data is the general (reference) set localisation contrasts capabilities "
                            "with; a list: the capabilities whose data form this capability's reference set")
     options: dict[str, Any] = Field(default_factory=dict, description="the probe's own options (see its docs)")
+    require_competent_teacher: bool = Field(
+        True, description="true: when no teacher is competent at it (the profile: no teacher's CI clear of the "
+                          "trivial baseline, or exact match 0) it gets no tower and no budget, and validate lists "
+                          "it as 'no competent teacher' instead of a retention number; false: keep it anyway "
+                          "(toy teachers, or too few items to separate a teacher from the baseline), still flagged")
 
     @field_validator("probe")
     @classmethod

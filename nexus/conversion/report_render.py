@@ -50,7 +50,7 @@ tower per sequence and only that tower runs.
 
 ## Retention (student ÷ teacher on the same items, bootstrap {ci_percent}% CI)
 
-{retention_table}
+{no_competent_teacher}{retention_table}
 
 Minimum over capabilities: {retention_min}. Mean: {retention_mean}.
 
@@ -97,10 +97,39 @@ def _arrow(lower):
 # ---------------------------------------------------------------- tables
 
 
+NO_COMPETENT = "no competent teacher"
+
+
+def _no_competent(report):
+    return report.get("no_competent_teacher") or {}
+
+
+def no_competent_line(report):
+    """The warning a report opens with when some capability has no competent teacher ("" when none)."""
+    caps = _no_competent(report)
+    if not caps:
+        return ""
+    parts = []
+    for cap, e in caps.items():
+        base = e.get("baseline") or {}
+        parts.append(f"{cap} (best teacher {e.get('teacher')}: {e.get('metric')} {fmt(e.get('teacher_score'))} "
+                     f"{fmt_ci(e.get('teacher_score_ci'))} vs trivial baseline {fmt(base.get('score'))}"
+                     + (f", {base['kind']}" if base.get("kind") else "") + ")")
+    return (f"**⚠ {NO_COMPETENT.capitalize()}**: " + "; ".join(parts) + ". No teacher is clear of the trivial "
+            "baseline, so no retention number is given for it; the minimum and the means are over the remaining "
+            "capabilities.")
+
+
 def retention_rows(report):
+    """Header and rows of the retention table: capabilities with no competent teacher first (no retention number),
+    then every capability's retention against its best teacher."""
     ci = f"{report['ci_percent']}% CI"
     header = ["capability", "vs teacher", "metric", "retention", ci, "student", "teacher", "teacher competent"]
     rows = []
+    for cap, e in _no_competent(report).items():
+        arrow = "" if e.get("higher_is_better") is None else " " + _arrow(not e["higher_is_better"])
+        rows.append([cap, e.get("teacher"), f"{e.get('metric')}{arrow}", f"**{NO_COMPETENT}**", "-",
+                     fmt(e.get("student_score")), fmt(e.get("teacher_score")), "no"])
     for cap, e in report["retention"].items():
         rows.append([cap, e["teacher"], f"{e['metric']} {_arrow(e['lower_is_better'])}", fmt(e["value"]),
                      fmt_ci(e["ci"]), fmt(e["student_score"]), fmt(e["teacher_score"]),
@@ -141,10 +170,16 @@ def _gate_line(report):
 def report_markdown(report, figures=None):
     """The whole report as Markdown (figures: name -> file name relative to the report)."""
     figures = figures or {}
-    parts = [f"# Validation of {report['recipe']}", "", f"Student: `{report['student']['path']}` "
-             f"({report['student_params']} parameters; teachers: "
-             + ", ".join(f"{t} {n}" for t, n in report["teacher_params"].items()) + ").", "",
-             report["definition"] + ".", "", _summary_line(report), "", _gate_line(report), ""]
+    parts = [f"# Validation of {report['recipe']}", ""]
+    if _no_competent(report):  # first: these capabilities have no retention number at all
+        parts += [no_competent_line(report), ""]
+    parts += [f"Student: `{report['student']['path']}` "
+              f"({report['student_params']} parameters; teachers: "
+              + ", ".join(f"{t} {n}" for t, n in report["teacher_params"].items()) + ").", "",
+              report["definition"] + ".", "", _summary_line(report), "", _gate_line(report), ""]
+    if report.get("competence_waived"):
+        parts += ["Kept although no teacher is competent (require_competent_teacher: false; retention compares "
+                  "with a teacher that has not learnt the task): " + ", ".join(report["competence_waived"]) + ".", ""]
     parts += ["## Retention against each capability's best teacher", "", _table(*retention_rows(report)), ""]
     if "retention" in figures:
         parts += [f"![retention]({figures['retention']})", ""]
@@ -365,7 +400,7 @@ def card_fields(report, model_name=None, repo_id=None):
     name = model_name or f"{report['recipe']}-nexus"
     best_of = {}
     for cap, teacher in report["best"].items():
-        best_of.setdefault(teacher, []).append(cap)
+        best_of.setdefault(teacher, []).append(cap + (f" ({NO_COMPETENT})" if cap in _no_competent(report) else ""))
     teachers = _table(["teacher", "parameters", "best at"],
                       [[t, fmt(n), ", ".join(best_of.get(t, [])) or "-"] for t, n in report["teacher_params"].items()])
     header, rows = retention_rows(report)
@@ -385,6 +420,7 @@ def card_fields(report, model_name=None, repo_id=None):
         "ci_percent": fmt(report["ci_percent"]),
         "teachers_table": teachers,
         "retention_table": _table(header, rows),
+        "no_competent_teacher": (no_competent_line(report) + "\n\n") if _no_competent(report) else "",
         "retention_min": (_with_ci(report["min"]) + f" ({report['min']['capability']})") if report.get("min")
         else "n/a",
         "retention_mean": _with_ci(report.get("mean")),
@@ -425,6 +461,9 @@ def validation_table(report):
     table.add_column("vs best", justify="right")
     for t in teachers:
         table.add_column(f"vs {t}", justify="right")
+    for cap, e in _no_competent(report).items():
+        table.add_row(f"[bold red]{cap}[/]", f"{e.get('metric')}", f"[bold red]{NO_COMPETENT}[/] ({e.get('teacher')})",
+                      *["-" for _ in teachers])
     for cap, e in report["retention"].items():
         cells = [f"{cap}", f"{e['metric']} {_arrow(e['lower_is_better'])}",
                  f"[bold]{fmt(e['value'])} {fmt_ci(e['ci'])}[/] ({e['teacher']})"]

@@ -178,10 +178,14 @@ def _eligible(recipe):
 
 
 def _tower_teachers(recipe, profile):
-    """The teachers that build towers: the profile's best ones, or (no profile yet) every eligible teacher."""
+    """The teachers that build towers (one tower each): the profile's best teachers of the capabilities the student
+    serves (`student_build.tower_teachers`: none for a capability no teacher is competent at), or (no profile yet)
+    every eligible teacher."""
     if profile is None:
         return _eligible(recipe)
-    names = set((profile.get("best") or {}).values())
+    from .student_build import tower_teachers
+
+    names = set(tower_teachers(recipe, profile).values())
     return [t for t in recipe.teachers if t.name in names]
 
 

@@ -1,26 +1,45 @@
-"""Student construction: a multi-tower Nexus model whose tower t serves capability t and starts from its best teacher.
+"""Student construction: a multi-tower Nexus model with ONE tower per teacher, serving every capability that
+teacher is best at.
 
     path, record = build_student(recipe, profile, "runs/demo/student_build")
 
-For every capability (recipe order) the profile's best teacher is loaded (ONE resident at a time, freed before the
-next), imported losslessly (`nexus_from_teacher`), compressed with the capability scorer on that capability's
-training text (`compress_model`, vocabulary trimming off: the student has its own shared vocabulary), and its decoder
-layers are copied into tower t. A tower keeps its teacher's width; when that differs from the shared hidden size,
+Every capability (recipe order) is served by its best teacher in the profile; capabilities with the same best
+teacher share that teacher's tower (named after the teacher; ``config.capability_to_tower`` maps every served
+capability to its tower index, and the router's classes are the towers). Towers are in the order of their first
+capability. Each tower teacher is loaded (ONE resident at a time, freed before the next), imported losslessly
+(`nexus_from_teacher`), compressed with the capability scorer on the union of its capabilities' training text, each
+weighted by its capability weight (`compress_model`, vocabulary trimming off: the student has its own shared
+vocabulary), and its decoder layers are copied into its tower. Why per teacher and not per capability: two prunings
+of one teacher, each with part of the budget, keep two half-copies of the same weights (DESIGN.md, "Decisions from
+measurement").
+
+**Competence.** A capability no teacher is competent at (`profile.dropped_capabilities`: no teacher's CI clear of the
+trivial baseline, or exact match 0) gets no tower and no budget (unless it sets ``require_competent_teacher:
+false``); it is listed under ``no_competent_teacher`` in ``student_build.json``. No capability left is an error.
+
+A tower keeps its teacher's width; when that differs from the shared hidden size,
 the tower's edge projections (``in_proj`` / ``out_proj``, made by ``NexusDecoderTower``) are initialised to select /
 re-embed the teacher's channels (``[I | 0]`` and its transpose), so the tower sees the first ``h_t`` channels of the
 shared residual stream.
 
 **Budget.** The whole student (shared embedding, router, final norm, edge projections, towers) must fit the budget:
 ``stages.student_build.budget_fraction`` x the summed parameters of the teachers it is built from, or else
-``student.budget``. What the fixed parts leave is shared between the towers in proportion to their teachers' layer
-parameters (every tower keeps the same fraction ``f``); each tower is compressed to that many parameters, so the sum
-is within budget (checked on the built model).
+``student.budget``. What the fixed parts leave is split per tower, i.e. per teacher (``tower_budget``):
+``proportional``, in proportion to the teachers' layer parameters (every tower keeps the same fraction ``f``), or
+``weighted_share``, in proportion to the summed weights of the capabilities each teacher serves (capped at the
+teacher's size); each tower is compressed to that many parameters, so the sum is within budget (checked on the built
+model).
 
-**Shared tokenizer** (``tokenizer``): ``train_bpe`` trains a byte-level BPE (``bpe_vocab_size``, every digit its own
-token with ``split_digits``) on all capabilities' training text, so a character-level arithmetic teacher aligns one to
-one on digits; or a teacher's name takes that teacher's tokenizer.
+**Shared tokenizer** (``tokenizer``): ``base`` (the default; DESIGN.md "Decisions from measurement") takes the base
+teacher's tokenizer (``base_teacher``, default: the teacher best on the most capabilities), trimmed to what the
+capabilities' training text uses (+ specials, byte fallback), and copies its embedding and LM-head rows, embedding
+scale, final norm and logit softcap exactly; the shared hidden size is its hidden size (`base_vocabulary`), so its
+tower, unpruned, reproduces its logits on the kept tokens. ``train_bpe`` trains a byte-level BPE (``bpe_vocab_size``,
+every digit its own token with ``split_digits``) on all capabilities' training text, so a character-level arithmetic
+teacher aligns one to one on digits; or a teacher's name takes that teacher's whole tokenizer (rows as below).
 
-**Shared embedding rows** (``embedding_init: teachers``). A student token is *owned* by the tower whose capability
+**Shared embedding rows** (``embedding_init: teachers``, tokenizer ``train_bpe`` or a teacher's name). A student
+token is *owned* by the tower whose capability
 text uses it most (relative frequency under the student tokenizer; ties: recipe order). Its row is copied from the
 owner's teacher when that teacher has a token with the same surface string (zero-padded to the shared width, which
 matches the ``[I | 0]`` edge projections); otherwise from the next tower's teacher that has the string; special tokens
@@ -34,7 +53,7 @@ weights (``w`` for RMSNorm, ``1 + w`` for Gemma's).
 **Baselines on the same interface** (issue 7, ``bench/compare_methods.py``): ``init: random`` keeps the built
 student's exact shapes (towers as compressed, edge projections, router) but none of the teachers' weights: the
 model's own random init ("traditional distillation" into a student of the same size and shape); ``layout: dense``
-builds one randomly initialised tower for every capability instead (no router, no pruning: the FuseLLM-style
+builds one randomly initialised tower for every served capability instead (no router, no pruning: the FuseLLM-style
 dense student), with the family, depth and attention widths of the first capability's best teacher (fewer layers
 only when the budget cannot hold their attention) and the largest uniform FFN width that keeps the whole student
 within the same budget. A pruning baseline is only another ``scorer`` (``magnitude``, ``minitron`` with
@@ -46,7 +65,8 @@ Writes ``out`` atomically: the student (``NexusForCausalLM.save_pretrained``, sa
 Sample recipe section::
 
     stages:
-      student_build: {tokenizer: train_bpe, bpe_vocab_size: 1024, budget_fraction: 0.3333, allocation: dynamic}
+      student_build: {tokenizer: base, budget_fraction: 0.3333, allocation: dynamic}  # or {tokenizer: train_bpe,
+      #   bpe_vocab_size: 1024}; {tokenizer: base, base_teacher: gemma} names the base teacher
       # baselines: {init: random, embedding_init: random}  or  {layout: dense, init: random, embedding_init: random}
 """
 
@@ -62,21 +82,36 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..modeling_nexus import NexusConfig, NexusForCausalLM
+from . import base_vocabulary
 from .atomic_output import atomic_dir, atomic_file, check_output_vs_sources
 from .budget import Budget, config_parameter_count, resolve_budget
 from .load_check import checked_load_state_dict
 from .recipe import Recipe, register_stage_options
 
 STAGE = "student_build"
-SCHEMA = "nexus.student_build/1"
+SCHEMA = "nexus.student_build/2"  # 2: one tower per teacher (1: one per capability)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class StudentBuildOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tokenizer: str = Field("train_bpe", description="the shared tokenizer: 'train_bpe' (a byte-level BPE trained on "
-                                                    "every capability's training text) or a teacher's name")
+    tokenizer: str = Field("base", description="the shared tokenizer: 'base' (the base teacher's tokenizer trimmed "
+                                               "to what the capabilities' training text uses; its embedding, head, "
+                                               "final norm, embedding scale and softcap copied exactly: "
+                                               "`base_vocabulary`), 'train_bpe' (a byte-level BPE trained on every "
+                                               "capability's training text) or a teacher's name (its whole "
+                                               "tokenizer, rows copied by token string)")
+    base_teacher: str | None = Field(None, description="tokenizer base: the base teacher (default: the teacher best "
+                                                       "on the most capabilities; ties: summed capability weight, "
+                                                       "then teacher size, then recipe order)")
+    trim_vocabulary: bool = Field(True, description="tokenizer base: keep only the tokens the capabilities' training "
+                                                    "text uses (+ specials, byte fallback, BPE merge paths)")
+    edge_init: Literal["identity", "fit"] = Field(
+        "identity", description="tokenizer base: edge projections of towers from other teachers (whose width differs): "
+                                "identity = [I | 0] (the tower reads the first channels of the base embedding); fit = "
+                                "least squares over the tokens both vocabularies share (in_proj onto the tower "
+                                "teacher's own embedding rows, out_proj onto its head through the base head)")
     bpe_vocab_size: int = Field(1024, ge=260, description="train_bpe: vocabulary size (specials and bytes included)")
     split_digits: bool = Field(True, description="train_bpe: every digit its own token (aligns 1:1 with a "
                                                  "character-level teacher on numbers)")
@@ -87,24 +122,28 @@ class StudentBuildOptions(BaseModel):
     scorer: str = Field("capability", description="compress importance scorer for every tower")
     allocation: Literal["auto", "dynamic", "uniform"] | None = Field(
         None, description="compress per-layer widths (default: the scorer's own)")
-    calibration_tokens: int = Field(2048, ge=16, description="compress calibration tokens per tower")
-    selection_tokens: int = Field(1024, ge=16, description="allocation=auto: held-aside training tokens per tower")
+    calibration_tokens: int = Field(2048, ge=16, description="compress calibration tokens per capability of a tower")
+    selection_tokens: int = Field(1024, ge=16, description="allocation=auto: held-aside training tokens per "
+                                                           "capability of a tower")
     window_tokens: int = Field(128, ge=8, description="compress calibration window (capped at the teacher's context)")
     embedding_init: Literal["teachers", "random"] = Field(
-        "teachers", description="shared embedding rows: from the owning tower's teacher by token string, or random")
+        "teachers", description="shared embedding rows: tokenizer base: the base teacher's rows, copied exactly; "
+                                "otherwise from the owning tower's teacher by token string; or random")
     tower_budget: Literal["proportional", "weighted_share"] = Field(
-        "proportional", description="how the budget is split between towers: proportional = one keep fraction for "
-                                    "every tower (budgets proportional to the teachers' sizes); weighted_share = "
-                                    "shares proportional to the capabilities' weights, each capped at its teacher's "
-                                    "size (a small specialist stays whole next to a large teacher)")
+        "proportional", description="how the budget is split between towers (one per teacher): proportional = one "
+                                    "keep fraction for every tower (budgets proportional to the teachers' sizes); "
+                                    "weighted_share = shares proportional to the summed weights of the capabilities "
+                                    "each teacher serves, each capped at its teacher's size (a small specialist "
+                                    "stays whole next to a large teacher)")
     init: Literal["teachers", "random"] = Field(
         "teachers", description="weights: from the teachers (compressed towers, edge projections, final norm), or "
                                 "random: the same shapes re-initialised with the model's own init (the 'traditional "
                                 "distillation' baseline; embedding_init must then be random too)")
     layout: Literal["towers", "dense"] = Field(
-        "towers", description="towers: one tower per capability from its best teacher; dense: ONE tower serving "
-                              "every capability (no router), the family, depth and heads of the first capability's "
-                              "best teacher, FFN width as large as the budget allows (needs init: random)")
+        "towers", description="towers: one tower per best teacher, serving the capabilities it is best at; dense: "
+                              "ONE tower serving every capability (no router), the family, depth and heads of the "
+                              "first capability's best teacher, FFN width as large as the budget allows (needs "
+                              "init: random)")
     chunk_chars: int = Field(400, ge=16, description="training text is cut into chunks of about this many characters")
     arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic: generated training items")
     seed: int = Field(0, description="seed of the random parts (rows no teacher provides)")
@@ -116,6 +155,8 @@ class StudentBuildOptions(BaseModel):
             raise ValueError("layout dense builds a tower no teacher has: set init: random")
         if self.init == "random" and self.embedding_init != "random":
             raise ValueError("init random re-initialises every weight: set embedding_init: random as well")
+        if self.base_teacher is not None and self.tokenizer != "base":
+            raise ValueError(f"base_teacher is for tokenizer: base (tokenizer is {self.tokenizer!r})")
         return self
 
 
@@ -143,24 +184,48 @@ def teacher_counts(folder):
 
 
 def tower_teachers(recipe: Recipe, profile: dict) -> dict:
-    """{capability: its best teacher per the profile}, in recipe order; a capability without one is an error."""
+    """{capability: its best teacher per the profile}, in recipe order, for every capability the student serves: one
+    no teacher is competent at (`profile.dropped_capabilities`) is left out. A served capability without a best
+    teacher is an error, and so is a recipe where no capability is left."""
+    from .profile import dropped_capabilities
+
     best = profile.get("best") or {}
+    dropped = dropped_capabilities(recipe, profile)
     out = {}
     for i, cap in enumerate(recipe.capabilities):
+        if cap.name in dropped:
+            continue
         if cap.name not in best:
             raise StudentBuildError(f"capability {cap.name!r} (capabilities[{i}]) has no best teacher in the profile; "
                                     "rerun `nexus profile`")
         out[cap.name] = best[cap.name]
+    if not out:
+        raise StudentBuildError(
+            f"no capability has a competent teacher ({', '.join(dropped)}): in the profile no teacher's score is "
+            "clear of the trivial baseline (or exact match is 0), so there is nothing to build a tower from; use "
+            "teachers that can do the tasks, check the capabilities' probe data, or set require_competent_teacher: "
+            "false on a capability to build it anyway")
     return out
+
+
+def teacher_towers(chosen: dict) -> dict:
+    """{teacher: [capability, ...]} from {capability: teacher}: one tower per teacher, serving every capability it
+    is best at, in the order of each tower's first capability."""
+    towers = {}
+    for cap, teacher in chosen.items():
+        towers.setdefault(teacher, []).append(cap)
+    return towers
 
 
 def split_budget(total_budget, fixed, layer_params, weights=None):
     """The overall keep fraction and per-tower layer budgets, with fixed + sum(budgets) <= total_budget.
 
-    ``weights`` None (``tower_budget: proportional``): one keep fraction f for every tower, so each tower's budget
-    is proportional to its teacher's size. ``weights`` {tower: capability weight} (``weighted_share``): each tower
-    gets a share of the budget proportional to its capability's weight, capped at its teacher's size; what a capped
-    tower leaves goes to the others (water-filling), so a small specialist is kept whole next to a large teacher.
+    ``layer_params`` {tower: its teacher's layer parameters} (a tower is a teacher). ``weights`` None
+    (``tower_budget: proportional``): one keep fraction f for every tower, so each tower's budget is proportional to
+    its teacher's size. ``weights`` {tower: weight} (``weighted_share``; the build passes the summed weights of the
+    capabilities the tower serves): each tower gets a share of the budget proportional to its weight, capped at its
+    teacher's size; what a capped tower leaves goes to the others (water-filling), so a small specialist is kept
+    whole next to a large teacher.
     """
     available = total_budget - fixed
     need = sum(layer_params.values())
@@ -188,7 +253,17 @@ def split_budget(total_budget, fixed, layer_params, weights=None):
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 
-def shared_tokenizer(options, texts, recipe, folders):
+def shared_tokenizer(options, texts, recipe, folders, profile=None):
+    """The student's tokenizer (``options.tokenizer``). ``base``: the base teacher's, trimmed, carrying its
+    `base_vocabulary.BaseVocabulary` (``profile`` picks the default base teacher)."""
+    if options.tokenizer == "base":
+        try:
+            tokenizer, _ = base_vocabulary.base_vocabulary(recipe, profile, texts, folders,
+                                                           getattr(options, "base_teacher", None),
+                                                           getattr(options, "trim_vocabulary", True))
+        except base_vocabulary.BaseVocabularyError as exc:
+            raise StudentBuildError(str(exc)) from None
+        return tokenizer
     if options.tokenizer == "train_bpe":
         from ..training.bpe_tokenizer import train_bpe_tokenizer
 
@@ -196,8 +271,8 @@ def shared_tokenizer(options, texts, recipe, folders):
         return train_bpe_tokenizer(corpus, options.bpe_vocab_size, split_digits=options.split_digits)
     names = [t.name for t in recipe.teachers]
     if options.tokenizer not in names:
-        raise StudentBuildError(f"stages.student_build.tokenizer: {options.tokenizer!r} is neither 'train_bpe' nor a "
-                                f"teacher; teachers: {', '.join(names)}")
+        raise StudentBuildError(f"stages.student_build.tokenizer: {options.tokenizer!r} is neither 'base', "
+                                f"'train_bpe' nor a teacher; teachers: {', '.join(names)}")
     from .teacher_source import load_tokenizer
     from .tokenizer_roundtrip import check_training_texts
 
@@ -232,21 +307,23 @@ def _effective_norm(model):
     return w + 1.0 if norm.kind == "gemma_rms" else w
 
 
-def _compress_tower(cap, teacher_name, folder, dtype, text, tower_layer_budget, options, console, show_progress,
-                    unk_tolerance=0.0):
+def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget, options, console, show_progress,
+                    unk_tolerance=None, weights=None):
     """Load one teacher, import, compress its layers to ``tower_layer_budget``; returns what the student needs.
 
-    The teacher's tokenizer must round-trip ``text`` (`tokenizer_roundtrip`; ``unk_tolerance``: the fraction of
-    unk tokens the capability's probe accepts)."""
+    ``texts`` {capability: TrainingText} of the capabilities the tower serves, ``weights`` {capability: weight}
+    (default 1 each): compression calibrates on every one of them, weighted. The teacher's tokenizer must round-trip
+    each text (`tokenizer_roundtrip`; ``unk_tolerance`` {capability: the fraction of unk tokens its probe accepts})."""
     from .compress import Capability, CompressOptions, compress_model
     from .teacher_import import nexus_from_teacher
     from .teacher_source import load_teacher
     from .tokenizer_roundtrip import check_roundtrip
 
     teacher, tok = load_teacher(folder, dtype=torch.float32)
-    check_roundtrip(tok, text.chunks, teacher_name, cap, unk_tolerance)
+    for cap, text in texts.items():
+        check_roundtrip(tok, text.chunks, teacher_name, cap, (unk_tolerance or {}).get(cap, 0.0))
     max_pos = int(getattr(teacher.config, "max_position_embeddings", 2048) or 2048)
-    nexus = nexus_from_teacher(teacher, name=cap, capabilities=[cap])
+    nexus = nexus_from_teacher(teacher, name=name, capabilities=list(texts))
     del teacher
     gc.collect()
     info = {"embedding": nexus.model.embed_tokens.weight.detach().float().clone(),
@@ -255,20 +332,22 @@ def _compress_tower(cap, teacher_name, folder, dtype, text, tower_layer_budget, 
     copts = CompressOptions(scorer=options.scorer, allocation=options.allocation, vocab={"trim": False},
                             calibration_tokens=options.calibration_tokens, selection_tokens=options.selection_tokens,
                             window_tokens=min(options.window_tokens, max_pos))
-    budget = Budget(tower_layer_budget + hidden, "non_embedding", f"tower {cap}: {tower_layer_budget} layer params")
-    calibration = "\n".join(text.chunks)
+    budget = Budget(tower_layer_budget + hidden, "non_embedding", f"tower {name}: {tower_layer_budget} layer params")
+    capabilities = [Capability(cap, "\n".join(text.chunks), (weights or {}).get(cap, 1.0), text.source)
+                    for cap, text in texts.items()]
     if tower_layer_budget >= config_parameter_count(nexus.config)["non_embedding"] - hidden:
         student, record = nexus, {"note": "budget holds the whole teacher: not pruned",
                                   "params": {"student": config_parameter_count(nexus.config)}}
     else:
-        student, _, record = compress_model(nexus, tok, [Capability(cap, calibration, 1.0, text.source)], copts,
-                                            budget=budget, console=console, show_progress=show_progress)
+        student, _, record = compress_model(nexus, tok, capabilities, copts, budget=budget, console=console,
+                                            show_progress=show_progress)
         record.pop("vocab", None)
     info["source"] = str(folder)
     info["tower_spec"] = dict(student.config.towers[0])
     info["tower_state"] = {k: v.detach().clone() for k, v in student.model.towers[0].state_dict().items()}
     info["record"] = {k: v for k, v in record.items() if k in ("allocation", "budget", "params", "keep_fraction",
-                                                               "kept", "notes", "note", "seconds", "scorer")}
+                                                               "kept", "notes", "note", "seconds", "scorer",
+                                                               "capabilities")}
     del student, nexus
     gc.collect()
     return info
@@ -285,12 +364,21 @@ def _surface_index(tokenizer):
 
 
 def _init_embedding(student, student_tok, towers, texts, order, options):
-    """Fill the shared embedding rows (see the module docstring); returns counts of where rows came from."""
+    """Fill the shared embedding rows (see the module docstring); returns counts of where rows came from.
+
+    With a base teacher (``tokenizer: base``) its final norm and, unless ``embedding_init: random``, its embedding
+    and LM-head rows are copied exactly instead (`base_vocabulary.copy_base_head`)."""
     from ..training.token_alignment import token_surface_strings
 
     weight = student.model.embed_tokens.weight
     H = weight.shape[1]
     counts = Counter()
+    base = base_vocabulary.of(student_tok)
+    if base is not None:
+        rows = base_vocabulary.copy_base_head(student, base, embedding=options.embedding_init != "random")
+        if rows and getattr(options, "edge_init", "identity") == "fit":  # recorded under tokenizer.edge_fit
+            base.edge_fit = base_vocabulary.fit_edge_projections(student, student_tok, base, towers)
+        return rows or {"random": weight.shape[0]}
     if options.embedding_init == "random":
         return {"random": weight.shape[0]}
     scale = torch.stack([t["embedding"].std() for t in towers.values()]).mean()
@@ -331,33 +419,39 @@ def _init_embedding(student, student_tok, towers, texts, order, options):
 
 
 def student_config(specs, student_tok, hidden_size, max_positions, order):
-    """The student's NexusConfig: tied unscaled shared embedding, RMS final norm, pooled-linear router."""
+    """The student's NexusConfig: tied unscaled shared embedding, RMS final norm, pooled-linear router (one class per
+    tower) — or, with a base teacher, its tying, embedding scale, final norm and softcap
+    (`base_vocabulary.head_config`); ``order``: the capabilities it serves (recipe order; each tower spec lists its own)."""
     return NexusConfig(
         vocab_size=len(student_tok), hidden_size=hidden_size, towers=specs, router={"type": "pooled_linear"},
-        embedding_scale=None, final_norm="rms", final_norm_eps=1e-6, final_logit_softcapping=None,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        max_position_embeddings=max_positions, **base_vocabulary.head_config(student_tok),
         pad_token_id=student_tok.pad_token_id, bos_token_id=student_tok.bos_token_id,
         eos_token_id=student_tok.eos_token_id, capability_names=list(order))
 
 
 def assemble_student(towers, student_tok, hidden_size, order, texts, options):
-    """The multi-tower NexusForCausalLM from compressed towers (tower t = capability order[t]); with ``init: random``
-    the same shapes keep the model's own random init (nothing is copied from the teachers)."""
-    specs = []
-    for cap in order:
-        spec = {k: v for k, v in towers[cap]["tower_spec"].items()}
-        spec.update(name=cap, capabilities=[cap])
+    """The multi-tower NexusForCausalLM from compressed towers: tower t is ``towers[order[t]]`` (one per teacher,
+    named ``order[t]``), serving ``towers[order[t]]["capabilities"]`` (default: its name); ``texts`` {capability:
+    TrainingText} in recipe order (the shared embedding's token owners). With ``init: random`` the same shapes keep
+    the model's own random init (nothing is copied from the teachers)."""
+    specs, tower_of = [], {}
+    for name in order:
+        spec = {k: v for k, v in towers[name]["tower_spec"].items()}
+        spec.update(name=name, capabilities=list(towers[name].get("capabilities") or [name]))
         specs.append(spec)
-    config = student_config(specs, student_tok, hidden_size, max(t["max_positions"] for t in towers.values()), order)
+        tower_of.update({cap: name for cap in spec["capabilities"]})
+    served = [c for c in texts if c in tower_of] + [c for c in tower_of if c not in texts]  # recipe order
+    config = student_config(specs, student_tok, hidden_size, max(t["max_positions"] for t in towers.values()),
+                            served)
     torch.manual_seed(options.seed)
     student = NexusForCausalLM(config).eval()
     if options.init == "random":
         return student, {"random (init: random)": config.vocab_size}
     with torch.no_grad():
-        for t, cap in enumerate(order):
+        for t, name in enumerate(order):
             tower = student.model.towers[t]
-            checked_load_state_dict(tower, towers[cap]["tower_state"], towers[cap].get("source", "(in memory)"),
-                                    what=f"tower {cap!r} from teacher", allow_missing=("in_proj", "out_proj"))
+            checked_load_state_dict(tower, towers[name]["tower_state"], towers[name].get("source", "(in memory)"),
+                                    what=f"tower {name!r} from teacher", allow_missing=("in_proj", "out_proj"))
             if tower.in_proj is not None:
                 h = tower.in_proj.weight.shape[0]
                 eye = torch.zeros(h, hidden_size)
@@ -367,7 +461,9 @@ def assemble_student(towers, student_tok, hidden_size, order, texts, options):
         norms = [torch.nn.functional.pad(t["final_norm"], (0, hidden_size - t["final_norm"].numel()), value=1.0)
                  for t in towers.values()]
         student.model.norm.weight.copy_(torch.stack(norms).mean(0))
-    rows = _init_embedding(student, student_tok, towers, texts, order, options)
+    # the embedding rows are owned per capability: each capability's view is its tower's teacher
+    rows = _init_embedding(student, student_tok, {cap: towers[tower_of[cap]] for cap in served}, texts, served,
+                           options)
     student.tie_weights()
     return student, rows
 
@@ -410,7 +506,8 @@ def dense_student(family_folder, student_tok, hidden_size, total_budget, order, 
 def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, show_progress=True,
                   overwrite=True, inputs_digest=None) -> tuple[Path, dict]:
     """Build the student into ``out`` (atomically); returns (path, record). ``texts``: {cap: TrainingText}
-    (default: `training_text` of every capability)."""
+    (default: `training_text` of every capability; only the served capabilities' are used)."""
+    from .profile import dropped_capabilities
     from .run_paths import recipe_sources
     from .teacher_source import resolve_teacher_folder
     from .tokenizer_roundtrip import probe_unk_tolerance
@@ -420,16 +517,26 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
     out = Path(out)
     sources = recipe_sources(recipe)
     check_output_vs_sources(out, sources)  # before any work: the write would replace a teacher it holds
-    chosen = tower_teachers(recipe, profile)
+    chosen = tower_teachers(recipe, profile)  # {served capability: teacher}; raises when none is served
+    dropped = dropped_capabilities(recipe, profile)
     order = list(chosen)
+    serves = teacher_towers(chosen)  # {teacher: [capability, ...]}: one tower each, in tower order
+    if console is not None and dropped:
+        console.print(f"  [bold red]no competent teacher for {', '.join(dropped)}[/]: no tower and no budget")
     if texts is None:
         texts = student_training_texts(recipe)
+    texts = {cap: texts[cap] for cap in order}  # a dropped capability trains neither the tokenizer nor a tower
     folders = {t.name: resolve_teacher_folder(t.source, t.allow_pickle, recipe.cache_dir) for t in recipe.teachers}
     sources.update({f"teacher folder {name}": folder for name, folder in folders.items()})
-    counts = {name: teacher_counts(folders[name]) for name in dict.fromkeys(chosen.values())}
-    student_tok = shared_tokenizer(options, texts, recipe, folders)
-    hidden = options.hidden_size or max(counts[t]["hidden_size"] for t in chosen.values())
-    n = len(order)
+    counts = {name: teacher_counts(folders[name]) for name in serves}
+    student_tok = shared_tokenizer(options, texts, recipe, folders, profile)
+    try:  # tokenizer base: the base teacher's hidden size (its embedding and head rows are copied as they are)
+        hidden = base_vocabulary.shared_hidden_size(student_tok, options.hidden_size)
+    except base_vocabulary.BaseVocabularyError as exc:
+        raise StudentBuildError(str(exc)) from None
+    hidden = hidden or options.hidden_size or max(counts[t]["hidden_size"] for t in serves)
+    matrices = base_vocabulary.embedding_matrices(student_tok)  # 2: the base teacher's untied LM head
+    n = len(serves)  # router classes: one per tower
     teachers_total = sum(c["total"] for c in counts.values())
     if options.budget_fraction is not None:
         total_budget = int(options.budget_fraction * teachers_total)
@@ -442,7 +549,7 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         family = chosen[order[0]]
         student, ffn = dense_student(folders[family], student_tok, hidden, total_budget, order, options)
         rows = {"random (init: random)": len(student_tok)}
-        fixed, f = len(student_tok) * hidden + hidden, None
+        fixed, f = matrices * len(student_tok) * hidden + hidden, None
         spec = student.config.towers[0]
         tower_records = [{"index": 0, "capability": "+".join(order), "capabilities": list(order), "teacher": None,
                           "family_from": family, "hidden_size": spec["hidden_size"], "layers": len(spec["layers"]),
@@ -453,30 +560,33 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
             console.print(f"  dense tower for {', '.join(order)}: {family}'s family, {len(spec['layers'])} layers, "
                           f"FFN {ffn} (random init)")
     else:
-        fixed = len(student_tok) * hidden + hidden + (hidden * n + n if n > 1 else 0)
-        fixed += sum(2 * hidden * counts[t]["hidden_size"] for t in chosen.values()
-                     if counts[t]["hidden_size"] != hidden)
-        weights = ({c.name: c.weight for c in recipe.capabilities} if options.tower_budget == "weighted_share"
-                   else None)
-        f, tower_budgets = split_budget(total_budget, fixed, {cap: counts[chosen[cap]]["layers"] for cap in order},
-                                        weights)
+        fixed = matrices * len(student_tok) * hidden + hidden + (hidden * n + n if n > 1 else 0)
+        fixed += sum(2 * hidden * counts[t]["hidden_size"] for t in serves if counts[t]["hidden_size"] != hidden)
+        cap_weight = {c.name: c.weight for c in recipe.capabilities}
+        weights = ({t: sum(cap_weight[c] for c in caps) for t, caps in serves.items()}
+                   if options.tower_budget == "weighted_share" else None)
+        f, tower_budgets = split_budget(total_budget, fixed, {t: counts[t]["layers"] for t in serves}, weights)
+        spec_of = {c.name: c for c in recipe.capabilities}
         towers = {}
-        for cap in order:  # one teacher resident at a time: each is loaded, compressed and freed here
-            teacher = recipe.teacher(chosen[cap])
+        for name, caps in serves.items():  # one teacher resident at a time: each is loaded, compressed and freed
+            teacher = recipe.teacher(name)
             if console is not None:
-                console.print(f"  tower {cap}: teacher {teacher.name}, {counts[teacher.name]['layers']:,} layer "
-                              f"params -> {tower_budgets[cap]:,} "
-                              f"(keep {tower_budgets[cap] / max(1, counts[teacher.name]['layers']):.3f})")
-            towers[cap] = _compress_tower(cap, teacher.name, folders[teacher.name], DTYPES[teacher.dtype],
-                                          texts[cap], tower_budgets[cap], options, console, show_progress,
-                                          probe_unk_tolerance(next(c for c in recipe.capabilities if c.name == cap)))
-        student, rows = assemble_student(towers, student_tok, hidden, order, texts, options)
-        tower_records = [{"index": t, "capability": cap, "teacher": chosen[cap],
-                          "hidden_size": towers[cap]["tower_spec"]["hidden_size"],
-                          "layers": len(towers[cap]["tower_spec"]["layers"]),
+                keep = tower_budgets[name] / max(1, counts[name]["layers"])
+                console.print(f"  tower {name} ({', '.join(caps)}): {counts[name]['layers']:,} layer params -> "
+                              f"{tower_budgets[name]:,} (keep {keep:.3f})")
+            towers[name] = _compress_tower(name, name, folders[name], DTYPES[teacher.dtype],
+                                           {c: texts[c] for c in caps}, tower_budgets[name], options, console,
+                                           show_progress, {c: probe_unk_tolerance(spec_of[c]) for c in caps},
+                                           weights={c: cap_weight[c] for c in caps})
+            towers[name]["capabilities"] = list(caps)
+        student, rows = assemble_student(towers, student_tok, hidden, list(serves), texts, options)
+        tower_records = [{"index": t, "name": name, "capability": "+".join(caps), "capabilities": list(caps),
+                          "teacher": name, "hidden_size": towers[name]["tower_spec"]["hidden_size"],
+                          "layers": len(towers[name]["tower_spec"]["layers"]),
                           "params": sum(p.numel() for p in student.model.towers[t].parameters()),
-                          "layer_budget": tower_budgets[cap], "teacher_layer_params": counts[chosen[cap]]["layers"],
-                          "compress": towers[cap]["record"]} for t, cap in enumerate(order)]
+                          "layer_budget": tower_budgets[name], "teacher_layer_params": counts[name]["layers"],
+                          "budget_weight": weights[name] if weights else None,
+                          "compress": towers[name]["record"]} for t, (name, caps) in enumerate(serves.items())]
     params = sum(p.numel() for p in student.parameters())
     if params > total_budget:
         raise StudentBuildError(f"the built student has {params:,} params, over the budget of {total_budget:,} "
@@ -484,10 +594,15 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
     record = {
         "schema": SCHEMA,
         "towers": tower_records,
+        "capability_to_tower": dict(student.config.capability_to_tower),
+        "no_competent_teacher": {cap: {"best_teacher": (profile.get("best") or {}).get(cap),
+                                       "note": "no teacher is competent (profile): no tower, no budget"}
+                                 for cap in dropped},
         "layout": options.layout,
         "init": options.init,
         "hidden_size": hidden,
-        "tokenizer": {"kind": options.tokenizer, "vocab_size": len(student_tok)},
+        "tokenizer": {"kind": options.tokenizer, "vocab_size": len(student_tok),
+                      **(base.record() if (base := base_vocabulary.of(student_tok)) is not None else {})},
         "budget": {"params": total_budget, "source": budget_source, "keep_fraction": f, "fixed_params": fixed},
         "params": params,
         "teacher_params": {name: c["total"] for name, c in counts.items()},
@@ -499,7 +614,8 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         "seconds": round(time.perf_counter() - start, 1),
         "inputs_digest": inputs_digest,
     }
-    student.config.nexus_source = {"stage": STAGE, "teachers": {cap: chosen[cap] for cap in order}}
+    student.config.nexus_source = {"stage": STAGE, "teachers": {cap: chosen[cap] for cap in order},
+                                   "no_competent_teacher": list(dropped)}
     with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
@@ -521,11 +637,13 @@ def student_training_texts(recipe: Recipe) -> dict:
 def build_inputs_digest(recipe, profile, texts):
     """The build's cache key: its options and budget, the capabilities in order with the text it trains on, the
     profile's best teachers, and the profile's own inputs (a changed profile field invalidates every later stage;
-    they also fingerprint the teachers' files)."""
-    from .profile import profile_inputs
+    they also fingerprint the teachers' files), the capabilities left without a tower (no competent teacher) and the
+    build's schema (a build of another layout is never reused)."""
+    from .profile import dropped_capabilities, profile_inputs
     from .training_text import training_texts_digest
 
-    blob = json.dumps({"best": profile.get("best"), "options": recipe.stage(STAGE).model_dump(mode="json"),
+    blob = json.dumps({"schema": SCHEMA, "no_competent_teacher": dropped_capabilities(recipe, profile),
+                       "best": profile.get("best"), "options": recipe.stage(STAGE).model_dump(mode="json"),
                        "capabilities": [c.name for c in recipe.capabilities],
                        "training_text": training_texts_digest(texts),
                        "profile_inputs": profile_inputs(recipe),

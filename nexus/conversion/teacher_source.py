@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .atomic_output import atomic_dir
-from .load_check import checked_from_pretrained, logger_quieted
+from .load_check import LoadCheckError, checked_from_pretrained, logger_quieted
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -98,9 +98,16 @@ def gguf_to_safetensors(gguf_path, cache_root):
     out = gguf_cache_dir(gguf_path, cache_root)
     if (out / "config.json").is_file():
         return out
-    model = checked_from_pretrained(AutoModelForCausalLM, gguf_path.parent, what="teacher", gguf_file=gguf_path.name,
-                                    dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        model = checked_from_pretrained(AutoModelForCausalLM, gguf_path.parent, what="teacher",
+                                        gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except LoadCheckError:
+        raise
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:  # the gguf reader's own errors name no file
+        if str(gguf_path) in str(exc):
+            raise
+        raise TeacherSourceError(f"teacher {gguf_path}: not a readable GGUF file ({exc})") from exc
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

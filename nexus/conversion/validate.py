@@ -16,6 +16,12 @@ the ones the teachers were profiled on):
   tokenise the text identically (else ``"skipped: tokenizers differ"``).
 - **interference**: given one checkpoint per training phase (in order), every capability's retention after each
   phase and its change from the previous phase (paired CIs), as a phase x capability matrix.
+- **competence**: a capability no teacher is competent at (every teacher's CI not clear of the trivial baseline, or
+  exact match 0: `profile.no_competent_teacher` on the same items) has no retention number: it is listed first, under
+  ``no_competent_teacher`` (the teachers' and the student's scores beside the baseline), and the minimum, the means,
+  the interference matrix and the gate are over the remaining capabilities. A capability with
+  ``require_competent_teacher: false`` keeps its retention (in the minimum and means), named in
+  ``competence_waived`` and in a note.
 - **gate**: ``stages.validate.min_retention``; the gate fails when the minimum retention (its value, or its CI's
   lower end with ``gate_statistic: ci_low``) is below it. The report is written either way; ``nexus validate``
   exits 3 on a failed gate (2 is bad input).
@@ -26,7 +32,9 @@ feature-map heatmaps, ``lmc.png``, ``interference.png`` when there is data for t
 the profile's item order: paired comparisons of two students on the same items) and ``manifest.json`` (a rerun with
 the same inputs is reused). ``report.json``::
 
-    {"retention": {CAP: {"value", "ci": [lo, hi], "teacher", "metric", "lower_is_better", "student_score",
+    {"no_competent_teacher": {CAP: {"teacher", "metric", "teacher_score", "teacher_score_ci", "baseline",
+                                    "student_score", "teachers": {TEACHER: {"score", "ci", "competent"}}, "reason"}},
+     "retention": {CAP: {"value", "ci": [lo, hi], "teacher", "metric", "lower_is_better", "student_score",
                          "teacher_score", "n", "competent", ...}},
      "min": {"value", "ci", "capability"}, "mean": {"value", "ci"}, "weighted_mean": {...},
      "student_params", "teacher_params": {TEACHER: n}, "params_ratio",
@@ -69,6 +77,7 @@ from .profile import (
     _source_fingerprint,
     best_teachers,
     load_probes,
+    no_competent_teacher,
     plan_profile,
     profile_inputs,
 )
@@ -591,13 +600,14 @@ def cka_tables(plan, scored):
     return out
 
 
-def interference_matrix(plan, scored, best):
-    """Each phase's retention vs the best teacher and its change from the previous phase, with paired CIs."""
+def interference_matrix(plan, scored, best, caps=None):
+    """Each phase's retention vs the best teacher and its change from the previous phase, with paired CIs, over
+    ``caps`` (default: every capability)."""
     phases = [name for name, _ in plan["phases"]]
     if not phases:
         return None
     settings, options = plan["settings"], plan["options"]
-    caps = list(plan["probes"])
+    caps = list(plan["probes"]) if caps is None else list(caps)
     retention = [[None] * len(caps) for _ in phases]
     retention_ci = [[None] * len(caps) for _ in phases]
     delta = [[None] * len(caps) for _ in phases[1:]]
@@ -666,9 +676,46 @@ def _provenance(recipe, plan):
     return {"stages": stages, "student_source": source}
 
 
+def competence_split(recipe, plan, scored, per_teacher, retention, samples, best, baselines, notes):
+    """Take the capabilities no teacher is competent at out of ``retention`` / ``samples`` / ``per_teacher`` (in
+    place); returns ``(no_competent_teacher, waived)``: {CAP: entry} (recipe order) and the capabilities kept
+    anyway (``require_competent_teacher: false``; their entries say ``"competent": false``)."""
+    teacher_summaries = {cap: {t: s[cap][0] for t, s in scored["teachers"].items() if cap in s}
+                         for cap in plan["probes"]}
+    flagged = no_competent_teacher(teacher_summaries, baselines)
+    required = {c.name for c in recipe.capabilities if c.require_competent_teacher}
+    dropped, waived = {}, []
+    for cap in flagged:
+        if cap not in required:
+            waived.append(cap)
+            notes.append(f"{cap}: no teacher is competent (none is clear of the trivial baseline); its retention is "
+                         "kept because it sets require_competent_teacher: false, but it compares the student with "
+                         "a teacher that has not learnt the task")
+            continue
+        retention.pop(cap, None)
+        samples.pop(cap, None)
+        per_teacher.pop(cap, None)
+        teacher = best.get(cap)
+        top = teacher_summaries[cap].get(teacher) or {}
+        base = baselines[cap]
+        student = scored["student"]["scores"][cap][0]
+        dropped[cap] = {
+            "teacher": teacher, "metric": top.get("metric"), "higher_is_better": top.get("higher_is_better"),
+            "teacher_score": top.get("score"), "teacher_score_ci": top.get("ci"),
+            "baseline": {k: base.get(k) for k in ("metric", "score", "ci", "kind")},
+            "student_score": student.get("score"), "student_metric": student.get("metric"),
+            "teachers": {t: {"score": r["score"], "ci": r["ci"], "competent": _is_competent(r, base)}
+                         for t, r in teacher_summaries[cap].items()},
+            "reason": "no teacher's score is clear of the trivial baseline (or exact match is 0): retention of it "
+                      "would mean nothing; left out of the minimum, the means and the gate",
+        }
+    return dropped, waived
+
+
 def build_report(recipe, plan, scored, seconds=None) -> dict:
     options = plan["options"]
     per_teacher, retention, samples, best, baselines, notes = retention_tables(recipe, plan, scored)
+    dropped, waived = competence_split(recipe, plan, scored, per_teacher, retention, samples, best, baselines, notes)
     undefined = {c: e["undefined"] for c, e in retention.items() if e["value"] is None}
     weights = {c.name: c.weight for c in recipe.capabilities}
     summary = aggregate(samples, {c: e["value"] for c, e in retention.items()}, weights)
@@ -681,6 +728,8 @@ def build_report(recipe, plan, scored, seconds=None) -> dict:
         "definition": DEFINITION,
         "ci_level": CI_LEVEL,
         "ci_percent": round(100 * CI_LEVEL),
+        "no_competent_teacher": dropped,
+        "competence_waived": waived,
         "retention": retention,
         "min": summary["min"] if summary else None,
         "mean": summary["mean"] if summary else None,
@@ -702,7 +751,7 @@ def build_report(recipe, plan, scored, seconds=None) -> dict:
                      for t, i in scored["teacher_info"].items()},
         "skipped": plan["skipped"],
         "cka": cka_tables(plan, scored),
-        "interference": interference_matrix(plan, scored, best),
+        "interference": interference_matrix(plan, scored, best, [c for c in plan["probes"] if c not in dropped]),
         "gate": gate,
         "settings": {**options.model_dump(mode="json"), "n_bootstrap": plan["settings"].n_bootstrap,
                      "max_items": plan["settings"].max_items, "seed": plan["settings"].seed},

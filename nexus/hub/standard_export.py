@@ -18,7 +18,8 @@ every layer to a common shape with zero weights, which leaves the logits unchang
 Example::
 
     from nexus.hub.standard_export import export_standard
-    export_standard("runs/demo/student", "out/prose-llama", tower="prose", pad_to_uniform=True)
+    export_standard("runs/demo/student", "out/prose-llama", tower="prose", pad_to_uniform=True)  # a capability's
+    # name exports the tower that serves it (towers are named after their teachers)
 """
 
 import copy

@@ -105,7 +105,9 @@ class NexusConfig(PretrainedConfig):
         embedding_scale (`float`, *optional*): multiply embeddings by this (Gemma: ``sqrt(hidden_size)``).
         final_norm (`str`): ``"rms"`` or ``"gemma_rms"`` (the ``(1 + w)`` variant).
         final_logit_softcapping (`float`, *optional*): ``tanh`` softcap on the logits.
-        capability_names (`list[str]`): capability labels the router is trained on, in tower order.
+        capability_names (`list[str]`): the capabilities the model serves; each tower lists its own under
+            ``capabilities`` (several capabilities may share a tower) and `capability_to_tower` maps them; the
+            router's classes are the towers.
     """
 
     model_type = "nexus"

@@ -389,6 +389,18 @@ class NexusPreTrainedModel(PreTrainedModel):
         elif isinstance(module, NexusRMSNorm):
             (init.zeros_ if module.kind == "gemma_rms" else init.ones_)(module.weight)
 
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers 5.0 has only the older names
+
+        def activation_checkpointing_enable(self, checkpointing_kwargs=None):
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+
+        def activation_checkpointing_disable(self):
+            self.gradient_checkpointing_disable()
+
+        @property
+        def is_activation_checkpointing(self):
+            return self.is_gradient_checkpointing
+
 
 class NexusModel(NexusPreTrainedModel):
     def __init__(self, config):
@@ -412,7 +424,8 @@ class NexusModel(NexusPreTrainedModel):
         self.embed_tokens = value
 
     def tower_index_for(self, tower=None, capability=None):
-        """Resolve ``tower`` (index or name) or ``capability`` (name) to a tower index; errors list the choices."""
+        """Resolve ``tower`` (index, tower name, or the name of a capability it serves) or ``capability`` (name) to a
+        tower index; errors list the choices."""
         if tower is not None and capability is not None:
             raise ValueError("pass tower= or capability=, not both")
         if capability is not None:
@@ -422,9 +435,12 @@ class NexusModel(NexusPreTrainedModel):
             return mapping[capability]
         if isinstance(tower, str):
             names = [t.name for t in self.towers]
-            if tower not in names:
-                raise ValueError(f"unknown tower {tower!r}; towers: {names}")
-            return names.index(tower)
+            if tower in names:
+                return names.index(tower)
+            mapping = self.config.capability_to_tower  # a capability's name picks the tower that serves it
+            if tower in mapping:
+                return mapping[tower]
+            raise ValueError(f"unknown tower {tower!r}; towers: {names}; capabilities: {sorted(mapping)}")
         if not 0 <= int(tower) < len(self.towers):
             raise ValueError(f"tower index {tower} out of range: this model has {len(self.towers)} tower(s)")
         return int(tower)

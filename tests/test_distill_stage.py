@@ -47,8 +47,8 @@ def make_recipe(teachers, run_dir, **distill):
         "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose"},
                          {"name": "code", "probe": "lm", "data": "bundled:code"}],
         "stages": {
-            "student_build": {"bpe_vocab_size": 300, "budget_fraction": 0.6, "allocation": "dynamic",
-                              "calibration_tokens": 64, "window_tokens": 32},
+            "student_build": {"tokenizer": "base", "bpe_vocab_size": 300, "budget_fraction": 0.6,
+                              "allocation": "dynamic", "calibration_tokens": 64, "window_tokens": 32},
             "distill": {"steps": STEPS, "batch_size": 2, "tokens": 300, "chunk_chars": 100, "seq_len": 32,
                         "checkpoint_every": 2, "lmc_points": 2, "top_k": 4, "cache_batch_size": 4, **distill},
         },
@@ -227,8 +227,8 @@ def consolidate_recipe_file(teachers, root, steps, **validate):
                          {"name": "code", "probe": "lm", "data": "bundled:code", "require_competent_teacher": False}],
         "stages": {
             "profile": {"max_items": 6, "n_bootstrap": 50, "window_tokens": 32},
-            "student_build": {"bpe_vocab_size": 300, "budget_fraction": 0.6, "allocation": "dynamic",
-                              "calibration_tokens": 64, "window_tokens": 32},
+            "student_build": {"tokenizer": "base", "bpe_vocab_size": 300, "budget_fraction": 0.6,
+                              "allocation": "dynamic", "calibration_tokens": 64, "window_tokens": 32},
             "distill": {"steps": steps, "batch_size": 2, "tokens": 300, "chunk_chars": 100, "seq_len": 32,
                         "checkpoint_every": 1, "lmc_points": 2, "top_k": 4, "cache_batch_size": 4},
             "validate": {"cka": False, **validate},

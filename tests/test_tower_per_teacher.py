@@ -229,3 +229,25 @@ def test_consolidate_lists_it_first_in_the_report_instead_of_a_retention_number(
     assert top.index("No competent teacher") < top.index("Minimum retention")
     card = (run / "validate" / "model_card.md").read_text()
     assert "**no competent teacher**" in card and "No competent teacher" in card
+
+
+# ---------------------------------------------------------------- tokenizer: auto (the default)
+
+
+@pytest.mark.parametrize("best_code, expected", [("llama_char", "base"), ("qwen_bpe", "train_bpe")],
+                         ids=["one_teacher", "two_teachers"])
+def test_auto_tokenizer_is_the_base_teachers_only_when_one_teacher_serves_everything(two_teachers, tmp_path,  # noqa: F811
+                                                                                      best_code, expected):
+    recipe = with_capabilities(two_teachers, tmp_path, [], tokenizer="auto")
+    assert recipe.stage("student_build").tokenizer == "auto"
+    _, record = build_student(recipe, profile_with(best={"code": best_code}), tmp_path / "init",
+                              texts=small_texts(recipe), show_progress=False)
+    assert record["tokenizer"]["kind"] == expected
+    if expected == "base":
+        assert record["tokenizer"]["base_teacher"] == "llama_char"
+
+
+def test_auto_is_the_default_tokenizer():
+    from nexus.conversion.student_build import StudentBuildOptions
+
+    assert StudentBuildOptions().tokenizer == "auto"

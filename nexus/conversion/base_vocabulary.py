@@ -1,4 +1,5 @@
-"""The student speaks its base teacher's tokenizer (``stages.student_build.tokenizer: base``, the default).
+"""The student speaks its base teacher's tokenizer (``stages.student_build.tokenizer: base``; ``auto``, the default,
+picks it when one teacher serves every capability).
 
     tokenizer, base = base_vocabulary(recipe, profile, texts, folders)
 

@@ -7,7 +7,7 @@
 2. **profile**: every teacher on every capability (scores with bootstrap 95% CIs, heatmap) -> the best teacher of
    each capability;
 3. **student build** (`student_build`): a shared byte-level BPE-1024 trained on the three capabilities' text
-   (``tokenizer: train_bpe``; measured on these specialists, the library default ``tokenizer: base`` kept prose 0.836,
+   (``tokenizer: train_bpe``; measured on these specialists, ``tokenizer: base`` kept prose 0.836,
    code 0.978, arithmetic 0.000, because the arithmetic tower reads the code specialist's embedding); one tower per best teacher
    (three distinct specialists: one per capability), initialised from it (imported, compressed with the capability
    scorer), the whole student <= 1/3 of the specialists' summed parameters; a capability no teacher is competent at

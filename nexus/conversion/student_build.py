@@ -30,8 +30,11 @@ shared residual stream.
 teacher's size); each tower is compressed to that many parameters, so the sum is within budget (checked on the built
 model).
 
-**Shared tokenizer** (``tokenizer``): ``base`` (the default; DESIGN.md "Decisions from measurement") takes the base
-teacher's tokenizer (``base_teacher``, default: the teacher best on the most capabilities), trimmed to what the
+**Shared tokenizer** (``tokenizer``): ``auto`` (the default) is ``base`` when one teacher serves every capability and
+``train_bpe`` otherwise: measured on the demo specialists, ``base`` kept the base teacher's capability better (code
+0.978 vs 0.942) but the other teachers' towers read its embedding rows and lost arithmetic (0.000 vs 0.985); on
+Gemma-3-270M + the arithmetic specialist the arithmetic tower answered nothing either (bench/results/
+gemma_base_vocab.json). ``base`` (DESIGN.md "Decisions from measurement") takes the base teacher's tokenizer (``base_teacher``, default: the teacher best on the most capabilities), trimmed to what the
 capabilities' training text uses (+ specials, byte fallback), and copies its embedding and LM-head rows, embedding
 scale, final norm and logit softcap exactly; the shared hidden size is its hidden size (`base_vocabulary`), so its
 tower, unpruned, reproduces its logits on the kept tokens. ``train_bpe`` trains a byte-level BPE (``bpe_vocab_size``,
@@ -96,7 +99,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 class StudentBuildOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tokenizer: str = Field("base", description="the shared tokenizer: 'base' (the base teacher's tokenizer trimmed "
+    tokenizer: str = Field("auto", description="the shared tokenizer: 'auto' ('base' when one teacher serves every "
+                                               "capability, else 'train_bpe': measured on the demo specialists, "
+                                               "'base' loses the towers of the other teachers), 'base' (the base "
+                                               "teacher's tokenizer trimmed "
                                                "to what the capabilities' training text uses; its embedding, head, "
                                                "final norm, embedding scale and softcap copied exactly: "
                                                "`base_vocabulary`), 'train_bpe' (a byte-level BPE trained on every "
@@ -155,7 +161,7 @@ class StudentBuildOptions(BaseModel):
             raise ValueError("layout dense builds a tower no teacher has: set init: random")
         if self.init == "random" and self.embedding_init != "random":
             raise ValueError("init random re-initialises every weight: set embedding_init: random as well")
-        if self.base_teacher is not None and self.tokenizer != "base":
+        if self.base_teacher is not None and self.tokenizer not in ("base", "auto"):
             raise ValueError(f"base_teacher is for tokenizer: base (tokenizer is {self.tokenizer!r})")
         return self
 
@@ -521,6 +527,10 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
     dropped = dropped_capabilities(recipe, profile)
     order = list(chosen)
     serves = teacher_towers(chosen)  # {teacher: [capability, ...]}: one tower each, in tower order
+    if options.tokenizer == "auto":  # see StudentBuildOptions.tokenizer for why
+        one_teacher = len(serves) == 1 and options.layout == "towers"
+        mode = "base" if options.base_teacher is not None or one_teacher else "train_bpe"
+        options = options.model_copy(update={"tokenizer": mode})
     if console is not None and dropped:
         console.print(f"  [bold red]no competent teacher for {', '.join(dropped)}[/]: no tower and no budget")
     if texts is None:

@@ -53,6 +53,7 @@ from .budget import AllocationOptions, BudgetError, allocate, config_parameter_c
 from .calibration import calibration_text, token_windows
 from .decoder_units import DecoderUnits
 from .importance import SCORERS, make_scorer
+from .progress_bar import stage_progress
 from .structure_statistics import collect_structure_statistics
 from .structured_prune import PrunePlan, apply_prune_plan, parameter_count
 from .vocab_trim import kept_vocabulary, trim_tokenizer
@@ -187,13 +188,6 @@ class Capability:
         self.name, self.text, self.weight, self.source = name, text, float(weight), source
 
 
-def _progress(console, enabled):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not enabled, transient=True)
-
-
 def compress_model(model, tokenizer, capabilities, options=None, budget=None, feature_map=None, out_dir=None,
                    console=None, show_progress=False):
     """Compress the one-tower Nexus ``model``; returns ``(student, student_tokenizer, record)``.
@@ -249,7 +243,7 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
         windows = {c.name: token_windows(student_tok, c.text, options.calibration_tokens, options.window_tokens)
                    for c in capabilities}
         statistics = {}
-        with _progress(console, show_progress) as progress:
+        with stage_progress(console, show_progress, transient=True) as progress:
             for c in capabilities:
                 task = progress.add_task(f"importance: {c.name}", total=windows[c.name].shape[0])
                 statistics[c.name] = collect_structure_statistics(

@@ -332,13 +332,6 @@ def heldout_ce(model, groups, batch_size=16):
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
-def _progress(console, enabled):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not enabled, transient=True)
-
-
 def distill_inputs(recipe, options, student_init, teachers_of, modes, folders, texts, held):
     """The stage's cache key: the student init's files, the options, each capability's teachers and alignment modes,
     the distilling teachers' files (a GGUF's converted folder) and the train / held-out text it learns from."""

@@ -53,6 +53,7 @@ from .localise_items import ItemSet
 from .localise_perturbation import perturbation_passes, perturbation_stage
 from .localise_spectral import spectral_stage
 from .probes import ProbeSettings, probe_class
+from .progress_bar import stage_progress
 from .probes.base import model_max_positions
 from .recipe import Recipe, register_stage_options, write_resolved_recipe
 from .run_paths import recipe_sources
@@ -148,19 +149,6 @@ def _check_probes(recipe):
             raise LocaliseError(
                 f"capability {cap.name!r} (capabilities[{i}].probe): localisation scores items teacher-forced "
                 f"and supports lm, exact_match and multiple_choice, not {cap.probe!r}")
-
-
-def _progress(console, enabled):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not enabled, transient=False)
 
 
 class _NullProgress:
@@ -462,7 +450,7 @@ def run_localise(recipe: Recipe, console=None, show_progress=True, force=False, 
     run_existed = run.exists()
     try:
         with atomic_dir(out, overwrite=True, sources=recipe_sources(recipe)) as tmp, \
-                _progress(console, show_progress) as progress:
+                stage_progress(console, show_progress) as progress:
             for teacher in recipe.teachers:
                 targets, needed, skipped = plan[teacher.name]
                 if not targets:

@@ -43,6 +43,7 @@ from .atomic_output import atomic_dir, atomic_file
 from .peak_rss import current_rss, peak_rss, release_freed_memory, reset_peak_rss
 from .probes import ProbeDataError, ProbeSettings, probe_class
 from .probes.data_source import ARITHMETIC_HELDOUT_SEED, ARITHMETIC_ITEMS, is_bundled, parse_bundled
+from .progress_bar import stage_progress
 from .recipe import Recipe, register_stage_options, write_resolved_recipe
 from .run_paths import recipe_sources
 from .teacher_source import TeacherSourceError, load_teacher, load_tokenizer, resolve_teacher_folder
@@ -257,13 +258,6 @@ def _param_count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def _progress(console, enabled):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not enabled, transient=False)
-
-
 def _score_one(teacher, caps, recipe, probes, progress, on_teacher_loaded):
     """Load one teacher, score its capabilities, free it; returns (results, items, info, memory)."""
     gc.collect()
@@ -313,7 +307,7 @@ def score_teachers(recipe: Recipe, probes: dict, plan: dict, console=None, show_
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # rich draws the progress; transformers' own bars would interleave
     try:
-        with _progress(console, show_progress) as progress:
+        with stage_progress(console, show_progress) as progress:
             for teacher in recipe.teachers:
                 caps = plan.get(teacher.name) or []
                 if not caps:

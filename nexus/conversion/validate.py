@@ -69,6 +69,7 @@ from .json_finite import json_finite
 from .load_check import checked_from_pretrained
 from .memory_plan import safetensors_numel
 from .probes.base import inference_context
+from .progress_bar import stage_progress
 from .profile import (
     DTYPES,
     _digest,
@@ -370,19 +371,6 @@ def validate_inputs(recipe, plan, feature_map=None, lmc=None) -> dict:
 # ---------------------------------------------------------------- scoring
 
 
-def _progress(console, enabled):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not enabled, transient=False)
-
-
 def _score_model(model, tokenizer, caps, plan, progress, label, kwargs_of):
     """{CAP: (summary, items)} of one resident model."""
     out = {}
@@ -440,7 +428,7 @@ def score_all(recipe, plan, console=None, show_progress=True, on_model_loaded=No
     hf_logging.disable_progress_bar()
     out = {"teachers": {}, "teacher_info": {}, "phases": {}, "reused": {}}
     try:
-        with _progress(console, show_progress) as progress:
+        with stage_progress(console, show_progress) as progress:
             # the student, with its hidden states on every capability some teacher tokenises identically
             gc.collect()
             model, tokenizer = load_scored_model(plan["student"], dtype)
@@ -766,7 +754,6 @@ def build_report(recipe, plan, scored, seconds=None) -> dict:
 
 
 # ---------------------------------------------------------------- the stage
-
 
 
 def _write_json(path, obj):

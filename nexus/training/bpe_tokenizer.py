@@ -9,7 +9,7 @@ themselves aside). The result is wrapped in `PreTrainedTokenizerFast`; ``save_pr
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from nexus.training.char_tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
+from nexus.training.char_tokenizer import BOS, SPECIAL_TOKENS, as_hf_tokenizer
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
 
@@ -42,16 +42,7 @@ def train_bpe_tokenizer(text: str, vocab_size: int = 1024, model_max_length: int
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-        padding_side="left",
-    )
+    return as_hf_tokenizer(tok, model_max_length)
 
 
 def _lines(text, chunk=1000):

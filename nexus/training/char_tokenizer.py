@@ -40,6 +40,12 @@ def build_char_tokenizer(alphabet: str = PRINTABLE_ASCII, model_max_length: int 
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return as_hf_tokenizer(tok, model_max_length)
+
+
+def as_hf_tokenizer(tok, model_max_length):
+    """``tok`` (a `tokenizers.Tokenizer` with the four specials) as the HF tokenizer the specialists use: left
+    padding, no clean-up of spaces (shared with `bpe_tokenizer`)."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,

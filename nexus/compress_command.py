@@ -17,7 +17,11 @@ def compress(
 
     console = Console()
     with clean_errors():
-        result = run_compress(load_recipe(recipe), console=console, show_progress=not quiet, force=force)
+        from .conversion.run_lock import run_lock
+
+        loaded = load_recipe(recipe)
+        with run_lock(loaded.run_path, command=f"nexus compress {recipe}"):
+            result = run_compress(loaded, console=console, show_progress=not quiet, force=force)
     params = result["params"]
     console.print(f"scorer {result['scorer']} ({result['allocation']}): "
                   f"{params['teacher']['total']:,} -> {params['student']['total']:,} params "

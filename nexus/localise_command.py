@@ -18,7 +18,11 @@ def localise(
 
     console = Console()
     with clean_errors():
-        result = run_localise(load_recipe(recipe), console=console, show_progress=not quiet, force=force)
+        from .conversion.run_lock import run_lock
+
+        loaded = load_recipe(recipe)
+        with run_lock(loaded.run_path, command=f"nexus localise {recipe}"):
+            result = run_localise(loaded, console=console, show_progress=not quiet, force=force)
     console.print(localise_table(result))
     if result.get("_reused"):
         console.print("[dim]inputs unchanged since the last localisation: reused it (--force to redo)[/]")

@@ -17,13 +17,15 @@ def profile(
     from .conversion.profile import run_profile
     from .conversion.profile_report import profile_table
     from .conversion.recipe import load_recipe
+    from .conversion.run_lock import run_lock
     from .conversion.stage_ram_guard import guard_stage_ram
 
     console = Console()
     with clean_errors():
         loaded = load_recipe(recipe)
         guard_stage_ram(loaded, "profile", console)
-        result = run_profile(loaded, console=console, show_progress=not quiet, force=force)
+        with run_lock(loaded.run_path, command=f"nexus profile {recipe}"):
+            result = run_profile(loaded, console=console, show_progress=not quiet, force=force)
     console.print(profile_table(result))
     if result.get("reused"):
         console.print("[dim]inputs unchanged since the last profile: reused it (--force to re-score)[/]")

@@ -41,8 +41,11 @@ def validate(
         except FileNotFoundError:
             profile = None
         guard_stage_ram(loaded, "validate", console, profile=profile, student=check_model_folder(student, "student"))
-        report = run_validate(loaded, student, checkpoints=checkpoint or (), feature_map=feature_map,
-                              lmc=lmc, out=out, gate=gate, console=console, show_progress=not quiet, force=force)
+        from .conversion.run_lock import run_lock
+
+        with run_lock(loaded.run_path, command=f"nexus validate {recipe} {student}"):
+            report = run_validate(loaded, student, checkpoints=checkpoint or (), feature_map=feature_map,
+                                  lmc=lmc, out=out, gate=gate, console=console, show_progress=not quiet, force=force)
     console.print(validation_table(report))
     if report.get("reused"):
         console.print("[dim]inputs unchanged since the last validation: reused it (--force to redo)[/]")

@@ -190,3 +190,10 @@ def test_stage_option_registry_rejects_duplicates():
 
     with pytest.raises(ValueError, match="already has options registered"):
         register_stage_options("profile", ProfileOptions)
+
+
+def test_absurd_seeds_and_resample_counts_are_refused_at_load(folder):
+    """Found by bench/fuzz_inputs.py: these loaded, and failed (or allocated without bound) only when a stage ran."""
+    raw = base(stages={"profile": {"n_bootstrap": 10**30, "seed": -1}, "distill": {"seed": 2**40}})
+    paths = [p for p, _ in problems(folder, raw).problems]
+    assert {"stages.profile.n_bootstrap", "stages.profile.seed", "stages.distill.seed"} <= set(paths), paths

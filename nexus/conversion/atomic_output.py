@@ -12,6 +12,7 @@ created or deleted (`check_output_vs_sources`).
 """
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
@@ -84,11 +85,17 @@ def check_output_vs_sources(target, sources, inside_ok=False):
     None entries are skipped). Both sides are resolved through symlinks first, so a symlinked output pointing at a
     source is caught. A source that does not exist cannot be harmed and is skipped. Nothing is created or deleted.
     """
-    target_resolved = Path(target).resolve()
+    try:
+        target_resolved = Path(target).resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise OSError(f"cannot write output {target}: {exc}") from None
     for role, source in _named_sources(sources):
         if not _lexists(source):
             continue
-        source_resolved = Path(source).resolve()
+        try:
+            source_resolved = Path(source).resolve()
+        except (RuntimeError, OSError):
+            continue  # a symlink loop holds nothing an output could harm; the source's own check names it
         out, src = _shown(target, target_resolved), _shown(source, source_resolved)
         if target_resolved == source_resolved:
             raise OutputOverlapsSourceError(f"output {out} is the source {role} {src}; choose another output")
@@ -135,6 +142,17 @@ def sweep_stale_temporaries(target):
     return done
 
 
+def _write_failed(exc) -> bool:
+    """A full disk, a quota, a file-size limit or a read-only file system: the output could not be written."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _write_error(target, exc) -> OSError:
+    err = OSError(f"cannot write output {target}: {exc.strerror or exc}; nothing of it was kept")
+    err.errno = exc.errno
+    return err
+
+
 @contextlib.contextmanager
 def atomic_dir(target, overwrite=False, sources=()):
     """Yield a temporary folder next to ``target``; on success it becomes ``target``, on failure it is removed.
@@ -175,8 +193,10 @@ def atomic_dir(target, overwrite=False, sources=()):
             raise
         if old is not None:
             _remove(old)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failed(exc):
+            raise _write_error(target, exc) from exc
         raise
 
 
@@ -191,7 +211,9 @@ def atomic_file(target):
     try:
         yield Path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _write_failed(exc):
+            raise _write_error(target, exc) from exc
         raise

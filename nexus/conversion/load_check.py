@@ -158,6 +158,10 @@ def checked_from_pretrained(cls, folder, what="checkpoint", **kwargs):
     folder = Path(folder)
     gguf = kwargs.get("gguf_file")
     file_of = (lambda key=None: folder / gguf) if gguf else (lambda key=None: weights_file(folder, key))
+    if not gguf:  # config.json against its weights and the RAM budget, before anything is allocated
+        from .checkpoint_config import check_checkpoint_config
+
+        check_checkpoint_config(folder, what=what, dtype=kwargs.get("dtype"))
     kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
         with logger_quieted("transformers.modeling_utils"):
@@ -209,8 +213,15 @@ def checked_load_state_dict(module, state, file=None, what="checkpoint", allow_m
 
 def checked_load_file(path, what="checkpoint", device="cpu"):
     """``safetensors.torch.load_file(path)``, refused (LoadCheckError) when a tensor holds a NaN or an Inf."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path), device=str(device))
+    from .safetensors_header import read_safetensors_header
+
+    read_safetensors_header(path)  # names the file and the tensor where the library would not
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except SafetensorError as exc:
+        raise LoadCheckError(f"{what} {path}: not a readable safetensors file ({exc})") from None
     check_finite(tensors, path, what)
     return tensors

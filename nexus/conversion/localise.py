@@ -101,9 +101,9 @@ class LocaliseOptions(BaseModel):
         ["global"], min_length=1, description="random controls; the first is the headline ratio")
     spectral_random_sets: int = Field(50, ge=5, description="random sets the spectral statistics are compared with")
     spectral_top_k: int = Field(8, ge=1, description="k of the top-k singular-value energy")
-    n_bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for every CI")
+    n_bootstrap: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples for every CI")
     min_margin: float = Field(0.05, gt=0, description="margins over chance are floored at this (score units)")
-    seed: int = Field(0, description="seed for items, bootstrap and random sets")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for items, bootstrap and random sets")
     autocast: bool = Field(True, description="bf16 autocast (2-4x faster on CPU)")
     tower: int | str | None = Field(None, description="which tower of a multi-tower Nexus teacher to localise")
 

@@ -57,10 +57,10 @@ MEMORY_HEADROOM = 1.2  # the process may hold the largest teacher (bf16) + 20%
 class ProfileOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_bootstrap: int = Field(1000, ge=1, description="bootstrap resamples for every 95% CI")
+    n_bootstrap: int = Field(1000, ge=1, le=100_000, description="bootstrap resamples for every 95% CI")
     max_items: int = Field(200, ge=1, description="at most this many items per capability (a seeded subset)")
     window_tokens: int = Field(256, ge=2, description="longest token window an lm probe feeds the model at once")
-    seed: int = Field(0, description="seed for the item subset and the bootstrap")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for the item subset and the bootstrap")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     compute: Literal["auto", "bf16", "fp32", "native"] = Field(
         "auto", description="bf16: bf16 autocast; fp32: fp32 matmuls over the bf16-resident weights; native: the "
@@ -98,7 +98,7 @@ def plan_profile(recipe: Recipe, probes: dict) -> tuple[dict, dict]:
 
     Loads only tokenizers and configs. A capability no teacher can be scored on is an error listing each reason.
     """
-    from transformers import AutoConfig
+    from .checkpoint_config import read_hf_config
 
     plan = {t.name: [] for t in recipe.teachers}
     skipped = {c.name: {} for c in recipe.capabilities}
@@ -108,7 +108,7 @@ def plan_profile(recipe: Recipe, probes: dict) -> tuple[dict, dict]:
             continue
         folder = resolve_teacher_folder(teacher.source, teacher.allow_pickle, recipe.cache_dir)
         try:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=teacher.trust_remote_code)
+            config = read_hf_config(folder, trust_remote_code=teacher.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise TeacherSourceError(f"teacher {teacher.name!r} (teachers[{i}].source): cannot read its config: "
                                      f"{exc}") from None

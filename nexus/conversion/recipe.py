@@ -25,6 +25,7 @@ Stages register their option models with `register_stage_options`; probes come f
 """
 
 import importlib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -244,7 +245,11 @@ def _problems_from(exc: ValidationError, model_cls, prefix=()):
 
 def _resolve(path, base_dir: Path) -> Path:
     path = Path(path).expanduser()
-    return (path if path.is_absolute() else base_dir / path).resolve()
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: keep the path, the existence checks name it
+        return Path(os.path.abspath(path))
 
 
 def _check_unique(items, what, key):
@@ -284,7 +289,9 @@ def _check_capability(i, cap, recipe, base_dir, check_paths):
         path = _resolve(cap.data, base_dir)
         cap.data = str(path)
         if check_paths and not path.is_file():
-            problems.append((f"{where}.data", f"data file {path} does not exist" if not path.exists()
+            looped = os.path.lexists(path) and not path.exists()
+            problems.append((f"{where}.data", f"data path {path} is a symlink that loops or points to nothing"
+                             if looped else f"data file {path} does not exist" if not path.exists()
                              else f"data path {path} is not a file"))
     if cap.teachers is not None:
         if not cap.teachers:
@@ -302,7 +309,7 @@ def _check_capability(i, cap, recipe, base_dir, check_paths):
     return problems
 
 
-def _check_stages(recipe):
+def _check_stages(recipe, base_dir=None):
     problems, registry, stages = [], stage_options_registry(), {}
     for name, options in recipe.stages.items():
         if name not in registry:
@@ -314,7 +321,8 @@ def _check_stages(recipe):
             problems.append((f"stages.{name}", f"expected a mapping of options, got {options!r}"))
             continue
         try:
-            stages[name] = options if isinstance(options, registry[name]) else registry[name](**dict(options))
+            stages[name] = options if isinstance(options, registry[name]) else registry[name].model_validate(
+                dict(options), context={"base_dir": base_dir})  # options with file paths resolve them there
         except ValidationError as exc:
             problems += _problems_from(exc, registry[name], ("stages", name))
     for name, cls in registry.items():
@@ -334,6 +342,29 @@ def _check_pipeline(recipe):
         where, _, message = str(exc).partition(": ")
         return [(where, message)]
     return []
+
+
+def _check_run_dir_vs_teachers(recipe):
+    """The run folder must not lie inside a teacher's folder, nor hold one (a stage would write into it)."""
+    from .run_paths import is_within
+
+    problems = []
+    try:
+        run = (Path(recipe.run_dir) / recipe.name).resolve()
+    except (OSError, RuntimeError) as exc:
+        return [("run_dir", f"cannot resolve {recipe.run_dir}: {exc}")]
+    for i, teacher in enumerate(recipe.teachers):
+        try:
+            source = Path(teacher.source).resolve()
+        except (OSError, RuntimeError):
+            continue  # the source check names it
+        if source.is_dir() and is_within(run, source):
+            problems.append(("run_dir", f"the run folder {run} is inside teacher {teacher.name!r}'s folder "
+                                        f"{source}; outputs never go into a teacher: choose another run_dir"))
+        elif source.exists() and is_within(source, run):
+            problems.append((f"teachers[{i}].source", f"teacher {teacher.name!r} ({source}) is inside the run "
+                                                      f"folder {run}; move it or choose another run_dir"))
+    return problems
 
 
 def validate_recipe(raw, base_dir=".", source=None, check_paths=True) -> Recipe:
@@ -357,9 +388,11 @@ def validate_recipe(raw, base_dir=".", source=None, check_paths=True) -> Recipe:
                 check_teacher_source(teacher.source, teacher.allow_pickle)
             except TeacherSourceError as exc:
                 problems.append((f"teachers[{i}].source", str(exc)))
+    if check_paths:
+        problems += _check_run_dir_vs_teachers(recipe)
     for i, cap in enumerate(recipe.capabilities):
         problems += _check_capability(i, cap, recipe, base_dir, check_paths)
-    problems += _check_stages(recipe)
+    problems += _check_stages(recipe, base_dir)
     problems += _check_pipeline(recipe)
     if problems:
         raise RecipeError(problems, source)
@@ -368,17 +401,42 @@ def validate_recipe(raw, base_dir=".", source=None, check_paths=True) -> Recipe:
 
 def load_recipe(path, check_paths=True) -> Recipe:
     """Read and validate a recipe YAML file; raises `RecipeError` naming every bad field."""
+    from .strict_yaml import StrictYAMLError, load_strict_yaml, nonfinite_paths
+
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise RecipeError([("", f"recipe path {path} is a folder; give the recipe's YAML file")])
+        if os.path.lexists(path) and not path.exists():
+            raise RecipeError([("", f"recipe path {path} is a symlink that loops or points to nothing")])
         raise RecipeError([("", f"recipe file {path} does not exist")])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([("", f"cannot read it: {exc.strerror or exc}")], path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([("", f"not UTF-8 text (byte offset {exc.start}); a recipe is a YAML text file")],
+                          path) from None
+    if "\x00" in text:
+        raise RecipeError([("", "holds NUL bytes (a binary file?); a recipe is a YAML text file")], path)
+    try:
+        raw = load_strict_yaml(text)
+    except StrictYAMLError as exc:
+        raise RecipeError([("", str(exc))], path) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError([("", f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}")], path) from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise RecipeError([("", f"not valid YAML{where}: {problem}")], path) from None
+    except RecursionError:
+        raise RecipeError([("", "not valid YAML: nested too deeply")], path) from None
     if raw is None:
         raise RecipeError([("", "the file is empty")], path)
+    bad = nonfinite_paths(raw)
+    if bad:
+        raise RecipeError([(p, "not a finite number (.inf / .nan are refused)") for p in bad], path)
     return validate_recipe(raw, base_dir=path.parent, source=path, check_paths=check_paths)
 
 

@@ -54,12 +54,19 @@ def export_ram_budget(ram_gb=None) -> tuple[int, str]:
 def guard_export_ram(src, ram_gb=None, console=None) -> dict:
     """`guard_stage_ram` for `nexus export SRC OUT`: the source is checked as export checks it (so a bad one gets
     export's own error), then planned from its safetensors headers (`stage_memory.plan_checkpoint_export_ram`)."""
+    from pathlib import Path
+
     from ..hub.nexus_checkpoint import check_nexus_checkpoint
+    from .checkpoint_config import check_checkpoint_config, read_config_json
     from .peak_rss import current_rss
     from .stage_memory import plan_checkpoint_export_ram
 
+    if (Path(src) / "config.json").is_file():
+        read_config_json(Path(src) / "config.json")  # not UTF-8 / not JSON / not an object: named here
     check_nexus_checkpoint(src)
     budget, source = export_ram_budget(ram_gb)
+    # every tensor the config describes, against its weights and the budget, before the model is built
+    check_checkpoint_config(src, what="checkpoint", budget_bytes=budget)
     # the export loads the model: importing its code (~170 MiB with transformers' modeling code, measured) is part
     # of the runtime the plan starts from
     from .. import modeling_nexus  # noqa: F401

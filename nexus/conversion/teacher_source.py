@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .atomic_output import atomic_dir
+from .ctranslate2_whisper import ctranslate2_model_file, write_whisper_folder
 from .load_check import LoadCheckError, checked_from_pretrained, logger_quieted
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -23,34 +24,29 @@ class TeacherSourceError(ValueError):
 
 
 def check_safetensors_file(path):
-    """Raise a TeacherSourceError naming ``path`` unless its header parses and its tensors cover the file exactly.
+    """Raise a TeacherSourceError naming ``path`` (and the tensor) unless its header parses and its tensors tile the
+    file exactly, each entry's offsets matching its shape and dtype (`safetensors_header.read_safetensors_header`).
 
     Reads only the header, so a corrupt or truncated download is caught before anything loads.
     """
-    path = Path(path)
-    size = path.stat().st_size
+    from .safetensors_header import SafetensorsHeaderError, read_safetensors_header
+
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            n = int.from_bytes(raw, "little")
-            if n > size - 8:
-                raise ValueError(f"header length {n} is past the end of the {size}-byte file")
-            header = json.loads(fh.read(n))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise TeacherSourceError(f"teacher weights {path} are not a valid safetensors file ({exc})") from None
-    if 8 + n + max(ends, default=0) != size:
-        raise TeacherSourceError(f"teacher weights {path} are truncated or padded: the header describes "
-                                 f"{8 + n + max(ends, default=0)} bytes but the file has {size}")
+        read_safetensors_header(path)
+    except SafetensorsHeaderError as exc:
+        raise TeacherSourceError(f"teacher weights {exc}") from None
 
 
 def check_teacher_source(path, allow_pickle=False):
-    """Return ``"hf"`` or ``"gguf"`` for a loadable teacher, or raise a TeacherSourceError naming the problem."""
+    """Return ``"hf"``, ``"gguf"`` or ``"ctranslate2"`` (a CTranslate2 Whisper) for a loadable teacher, or raise a TeacherSourceError naming the problem."""
     path = Path(path)
     if not path.exists():
+        if os.path.lexists(path):
+            raise TeacherSourceError(f"teacher path {path} is a symlink that loops or points to nothing "
+                                     f"({os.readlink(path)})")
         raise TeacherSourceError(f"teacher path {path} does not exist")
+    if ctranslate2_model_file(path) is not None:  # a CTranslate2 model.bin is a flat tensor file, not a pickle
+        return "ctranslate2"
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf"
@@ -165,6 +161,12 @@ def resolve_teacher_folder(path, allow_pickle=False, cache_root=None, dtype=None
         if dtype is not None and dtype != torch.float32:
             folder = cast_cache_folder(folder, dtype)
         return folder
+    if kind == "ctranslate2":  # converted once into an HF Whisper folder (safetensors), like a GGUF
+        model_file = ctranslate2_model_file(path)
+        folder = gguf_cache_dir(model_file, cache_root or Path.home() / ".cache" / "nexus" / "ctranslate2")
+        if not (folder / "config.json").is_file():
+            write_whisper_folder(model_file.parent, folder, overwrite=True)
+        return folder
     return Path(path)
 
 
@@ -175,21 +177,43 @@ def load_teacher(path, dtype=torch.bfloat16, allow_pickle=False, trust_remote_co
     ``with_tokenizer=False``: (model, None), for a caller that holds the tokenizer already (a 262k-token tokenizer
     costs ~320 MiB resident and more while it parses: loading it twice raised the distill stage's peak by that much).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint_config import check_checkpoint_config, read_hf_config
 
     folder = resolve_teacher_folder(path, allow_pickle, cache_root, dtype=dtype)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_checkpoint_config(folder, what="teacher", dtype=dtype)  # before transformers builds anything from it
+    config = read_hf_config(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise TeacherSourceError(
             f"teacher {path} needs remote code (auto_map in config.json); refusing it unless trust_remote_code is set"
         )
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code) if with_tokenizer else None
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, config, folder)
     model = checked_from_pretrained(
         AutoModelForCausalLM, folder, what="teacher", dtype=dtype,
         use_safetensors=not allow_pickle or any(Path(folder).glob("*.safetensors")), trust_remote_code=trust_remote_code,
     )
     model.eval()
     return model, tokenizer
+
+
+def check_tokenizer_fits(tokenizer, config, folder):
+    """Raise a TeacherSourceError when the tokenizer can produce an id the embedding has no row for (every token
+    but the special ones counts; a tokenizer smaller than the embedding is fine)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text_config, "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    ids = [i for token, i in tokenizer.get_vocab().items() if token not in special]
+    top = max(ids, default=-1)
+    if top >= rows:
+        token = next(t for t, i in tokenizer.get_vocab().items() if i == top)
+        raise TeacherSourceError(
+            f"teacher {folder}: the tokenizer has token {token!r} with id {top}, but config.json vocab_size is {rows} "
+            f"(the embedding has {rows} rows); the tokenizer does not belong to these weights")
 
 
 # Spaces (single, double, leading), a tab, newlines, digits, punctuation and non-ASCII: what a wrong class guess

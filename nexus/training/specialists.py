@@ -319,16 +319,24 @@ def train_model(model, recipe, batches, progress=True, log_every=50, validate=No
     ``validate(model) -> score``, when given, runs every ``recipe.validate_every`` steps; training stops as soon as
     the score reaches ``recipe.stop_exact_match``. Validation time is excluded from tokens/s but not from wall time.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     optimizer = _optimizer(model, recipe)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.autocast == "bfloat16")
     losses, tokens, first_loss, validations, validation_seconds, stopped_at = [], 0, None, [], 0.0, None
     model.train()
-    bar = Progress(TextColumn(f"training {recipe.name}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:.0f} tok/s"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress, transient=False)
+    from ..conversion.progress_bar import progress_with_columns
+
+    bar = progress_with_columns(TextColumn(f"training {recipe.name}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:.0f} tok/s"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), enabled=bool(progress))
     start, cpu_start = time.perf_counter(), time.process_time()
     with bar:
         task = bar.add_task("train", total=recipe.steps, loss=float("nan"), tps=0.0)
@@ -399,7 +407,10 @@ def train_specialist(name, out_dir, steps=None, seed=0, progress=True):
     """
     from rich.console import Console
 
-    from nexus.training.specialist_competence import measure_competence, print_competence
+    from nexus.training.specialist_competence import (
+        measure_competence,
+        print_competence,
+    )
 
     recipe = specialist_recipe(name)
     if steps is not None:

@@ -34,18 +34,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from nexus.conversion.atomic_output import atomic_file
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeRemainingColumn,
 )
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
+
+from nexus.conversion.atomic_output import atomic_file
 
 CACHE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -325,7 +325,10 @@ def _teacher_outputs(model, windows, settings, batch_size):
     """
     from nexus.conversion.peak_rss import release_freed_memory
     from nexus.conversion.probes.compute_mode import compute_context
-    from nexus.conversion.probes.token_scores import FULL_LOGIT_BUDGET, _sliced_head_layout
+    from nexus.conversion.probes.token_scores import (
+        FULL_LOGIT_BUDGET,
+        _sliced_head_layout,
+    )
 
     value_dtype, hidden_dtype = _DTYPES[settings.value_dtype], _DTYPES[settings.hidden_dtype]
     device = next(model.parameters()).device
@@ -414,8 +417,11 @@ def _write_manifest(path, manifest):
 
 
 def _progress(disable=False):
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("tokens"), TimeRemainingColumn(), console=_console, transient=True, disable=disable)
+    from ..conversion.progress_bar import progress_with_columns
+
+    return progress_with_columns(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("tokens"), TimeRemainingColumn(), console=_console, transient=True,
+                                 enabled=not disable)
 
 
 def build_teacher_cache(path, teacher, windows, *, tokenizer=None, settings: CacheSettings | None = None,

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from nexus.conversion.demo import run_demo
 from nexus.conversion.report_render import fmt
+from nexus.hub.card_paths import absolute_paths_in, card_with_paths, load_path_for
 
 
 def _numbers(text):
@@ -80,7 +81,9 @@ def test_demo_runs_every_stage_end_to_end_on_the_test_scale(tmp_path):
                  "README.md"):
         assert (export / name).is_file(), name
     card = (export / "model_card.md").read_text()
-    assert card == (run / "validate" / "model_card.md").read_text()
+    # the validation card, its usage snippet loading the export folder and no absolute local path left
+    assert card == card_with_paths((run / "validate" / "model_card.md").read_text(), load_path_for(export))
+    assert f'from_pretrained("{load_path_for(export)}", trust_remote_code=True)' in card and not absolute_paths_in(card)
     allowed = _report_numbers(report, set())
     stray = _numbers(card) - allowed
     assert not stray, f"numbers in the model card that report.json does not hold: {sorted(stray)}"

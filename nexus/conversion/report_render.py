@@ -2,8 +2,9 @@
 
 Figures (each only when the report has its data):
 
-- ``retention.png``: retention per capability against every teacher scored on it, bars with 95% CI whiskers, the
-  best teacher's bar outlined; a dashed line at parity (1.0) and a red one at the gate's threshold;
+- ``retention.png``: retention per capability against its best teacher (the one the gate uses), a bar and a dot
+  with the 95% CI whisker and the value written above (a 0 stays visible); a dashed line at parity (1.0) and a red
+  one at the gate's threshold. Retention against the other teachers is in ``report.md``'s table;
 - ``feature_map.png``: teacher x capability heatmap of the localiser's overall confidence (from a
   ``feature_map.json``), plus the localiser's own per-teacher layer heatmaps (``heatmap-<teacher>.png``);
 - ``lmc.png``: the score along a linear-mode-connectivity path (``report["lmc"]``: ``alphas`` and ``scores``);
@@ -37,6 +38,7 @@ It has {student_params} parameters, {params_ratio} of its teachers' summed {teac
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
+# the folder `nexus export` wrote (the path below), or its Hub id once pushed
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
 ```
@@ -241,37 +243,43 @@ def _save(fig, path):
 
 
 def write_retention_plot(report, path):
-    """Grouped bars: per capability, retention vs each teacher with CI whiskers; best teacher outlined."""
+    """Per capability, the student's retention against its best teacher: a bar, a dot at the value (so a retention
+    of 0 shows), its CI whisker and the value written above; the y-axis spans these values only (0 to a little over
+    max(1, the highest CI bound)), so a teacher the student is not compared with for the gate cannot stretch it."""
     plt = _plt()
     caps = list(report["per_teacher"])
-    teachers = []
-    for by_teacher in report["per_teacher"].values():
-        teachers += [t for t in by_teacher if t not in teachers]
-    width = 0.8 / max(1, len(teachers))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(caps) * max(1, len(teachers)) ** 0.5, 3.6))
-    for k, teacher in enumerate(teachers):
-        xs, ys, lo, hi, edges = [], [], [], [], []
-        for i, cap in enumerate(caps):
-            e = report["per_teacher"][cap].get(teacher)
-            if e is None or e["value"] is None:
-                continue
-            xs.append(i - 0.4 + width * (k + 0.5))
-            ys.append(e["value"])
-            ci = e["ci"] or [e["value"], e["value"]]
-            lo.append(max(0.0, e["value"] - ci[0]))
-            hi.append(max(0.0, ci[1] - e["value"]))
-            edges.append("black" if report["best"].get(cap) == teacher else "none")
-        ax.bar(xs, ys, width * 0.9, yerr=[lo, hi], capsize=3, label=teacher, edgecolor=edges, linewidth=1.5)
-        for x, y, up, cap in zip(xs, ys, hi, [c for c in caps if (report["per_teacher"][c].get(teacher) or {})
-                                             .get("value") is not None]):
-            ax.text(x, y + up, report["per_teacher"][cap][teacher]["metric"], ha="center", va="bottom", fontsize=7)
+    xs, ys, lo, hi, labels, missing = [], [], [], [], [], []
+    for i, cap in enumerate(caps):
+        teacher = report["best"].get(cap)
+        e = report["per_teacher"][cap].get(teacher) if teacher is not None else None
+        labels.append(f"{cap} ({e['metric']})\nvs {teacher}" if e is not None else cap)
+        if e is None or e["value"] is None:
+            missing.append(i)
+            continue
+        ci = e["ci"] or [e["value"], e["value"]]
+        xs.append(i)
+        ys.append(e["value"])
+        lo.append(max(0.0, e["value"] - ci[0]))
+        hi.append(max(0.0, ci[1] - e["value"]))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.3 * len(caps), 3.6))
+    ax.bar(xs, ys, 0.6, color="tab:blue", alpha=0.55, label="best teacher")
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color="black", capsize=4, markersize=5,
+                label=f"{report['ci_percent']}% CI")
+    for x, y, up in zip(xs, ys, hi):
+        ax.text(x, y + up + 0.02, fmt(y), ha="center", va="bottom", fontsize=8)
+    for i in missing:
+        ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=8)
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="parity")
     threshold = report["gate"].get("threshold")
     if threshold is not None:
         ax.axhline(threshold, color="red", linewidth=1, label="gate")
-    ax.set_xticks(range(len(caps)), caps)
-    ax.set_ylabel("retention (1 = parity)")
-    ax.set_title(f"retention, {report['ci_percent']}% CI; outlined = best teacher", fontsize=9)
+    top = max([1.0] + [y + up for y, up in zip(ys, hi)])
+    ax.set_ylim(-0.05, top + 0.15)  # below 0, so a point at 0 sits clear of the axis
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(caps)), labels, fontsize=8)
+    ax.set_xlim(-0.6, len(caps) - 0.4)
+    ax.set_ylabel("retention (student ÷ best teacher)")
+    ax.set_title(f"retention vs the best teacher per capability, {report['ci_percent']}% CI", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _save(fig, path)
@@ -395,6 +403,12 @@ def _check_template(template):
                          "{placeholder}")
 
 
+def _run_relative(artefact):
+    """A stage's artefact folder as the card shows it: ``<run>/<stage>``, never an absolute local path."""
+    parts = Path(str(artefact)).parts
+    return Path(*parts[-2:]).as_posix() if Path(str(artefact)).is_absolute() and len(parts) > 2 else str(artefact)
+
+
 def card_fields(report, model_name=None, repo_id=None):
     """Every placeholder's text, formatted from the report only."""
     name = model_name or f"{report['recipe']}-nexus"
@@ -405,7 +419,8 @@ def card_fields(report, model_name=None, repo_id=None):
                       [[t, fmt(n), ", ".join(best_of.get(t, [])) or "-"] for t, n in report["teacher_params"].items()])
     header, rows = retention_rows(report)
     stages = report.get("provenance", {}).get("stages") or []
-    stage_rows = [[s["stage"], f"`{s['artefact']}`"] for s in stages] + [["validate", "this card's report"]]
+    stage_rows = [[s["stage"], f"`{_run_relative(s['artefact'])}`"] for s in stages]
+    stage_rows.append(["validate", "this card's report"])
     total = sum(n for n in report["teacher_params"].values() if n)
     gate = report["gate"]
     return {

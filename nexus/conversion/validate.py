@@ -69,6 +69,7 @@ from .json_finite import json_finite
 from .load_check import checked_from_pretrained
 from .memory_plan import safetensors_numel
 from .probes.base import inference_context
+from .probes.lm_eval_task import LMEvalTaskSpec
 from .progress_bar import stage_progress
 from .profile import (
     DTYPES,
@@ -129,6 +130,10 @@ class ValidateOptions(BaseModel):
     reuse_profile: bool = Field(True, description="reuse a profile's per-item teacher scores when its inputs match")
     cka: bool = Field(True, description="compute layer-level CKA against teachers with the same tokenisation")
     cka_max_tokens: int = Field(1024, ge=8, description="tokens per capability whose hidden states CKA compares")
+    lm_eval_tasks: list[LMEvalTaskSpec] = Field(
+        default_factory=list, description="local lm-eval tasks (YAML + local data, no download) run through lm-eval's "
+                                          "HFLM on the student and every teacher; the report's `lm_eval` section "
+                                          "gives each model's score with a bootstrap 95% CI and the stderr")
 
 
 register_stage_options(STAGE, ValidateOptions)
@@ -348,7 +353,13 @@ def plan_validate(recipe: Recipe, student, checkpoints=(), feature_map=None, lmc
     phase_same = {name: {cap: {t: toks[cap] == token_strings[f"checkpoint {name}"][cap]
                                for t, toks in teacher_tokens.items() if cap in toks} for cap in probes}
                   for name, _ in phases}
+    lm_eval = {}
+    if options.lm_eval_tasks:
+        from .probes.lm_eval_task import load_lm_eval_tasks
+
+        lm_eval = load_lm_eval_tasks(options.lm_eval_tasks, settings)
     return {"options": options, "gate": gate_on, "student": student, "phases": phases, "feature_map": fm,
+            "lm_eval": lm_eval,
             "feature_map_path": str(feature_map) if feature_map is not None else None, "lmc": lmc_data,
             "settings": settings, "probes": probes, "plan": plan, "skipped": skipped, "same_tokenization": same,
             "phase_same_tokenization": phase_same}
@@ -365,7 +376,20 @@ def validate_inputs(recipe, plan, feature_map=None, lmc=None) -> dict:
         "phases": [[name, _source_fingerprint(path)] for name, path in plan["phases"]],
         "feature_map": digest(feature_map), "lmc": digest(lmc),
         "options": plan["options"].model_dump(mode="json"), "gate": plan["gate"],
+        "lm_eval_tasks": {task: _lm_eval_fingerprint(probe) for task, probe in plan.get("lm_eval", {}).items()},
     }
+
+
+def _lm_eval_fingerprint(probe):
+    """sha256 of an lm-eval task's YAML and of every local data file it names."""
+    path, config = probe._read_yaml()
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    names = [n for e in (files.values() if isinstance(files, dict) else [files])
+             for n in (e if isinstance(e, list) else [e])]
+    digest = hashlib.sha256(path.read_bytes())
+    for name in names:
+        digest.update((path.parent / name).read_bytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- scoring
@@ -382,6 +406,15 @@ def _score_model(model, tokenizer, caps, plan, progress, label, kwargs_of):
         progress.update(task, completed=len(probe))
         out[cap] = (result.summary, result.items)
     return out
+
+
+def _score_lm_eval(plan, model, tokenizer):
+    """The recipe's extra lm-eval tasks on one resident model (the router picks a Nexus student's tower)."""
+    if not plan.get("lm_eval"):
+        return {}
+    from .probes.lm_eval_task import score_lm_eval_tasks
+
+    return score_lm_eval_tasks(plan["lm_eval"], model, tokenizer)
 
 
 def _cka_caps(plan, teacher=None):
@@ -440,6 +473,7 @@ def score_all(recipe, plan, console=None, show_progress=True, on_model_loaded=No
             student_states = {cap: hidden_states(model, seqs, settings, **kwargs_of(cap))
                               for cap, seqs in cka_seqs.items()}
             scores = _score_model(model, tokenizer, caps, plan, progress, "student", kwargs_of)
+            lm_eval = {"student": _score_lm_eval(plan, model, tokenizer)}
             config = model.config
             out["student"] = {
                 "scores": scores, "states": student_states,
@@ -461,7 +495,7 @@ def score_all(recipe, plan, console=None, show_progress=True, on_model_loaded=No
                 folder = resolve_teacher_folder(teacher.source, teacher.allow_pickle, recipe.cache_dir)
                 info = {"source": str(teacher.source), "params": safetensors_numel(folder)}
                 scored, states = {}, {}
-                if missing or cka_caps:
+                if missing or cka_caps or plan.get("lm_eval"):
                     gc.collect()
                     model, tokenizer = load_teacher(teacher.source, DTYPES[teacher.dtype], teacher.allow_pickle,
                                                     teacher.trust_remote_code, recipe.cache_dir)
@@ -472,11 +506,13 @@ def score_all(recipe, plan, console=None, show_progress=True, on_model_loaded=No
                         seqs = _cka_inputs(tokenizer, _texts(plan["probes"][cap]), window, options.cka_max_tokens)
                         states[cap] = hidden_states(model, seqs, settings)
                     scored = _score_model(model, tokenizer, missing, plan, progress, teacher.name, lambda c: {})
+                    lm_eval[teacher.name] = _score_lm_eval(plan, model, tokenizer)
                     del model, tokenizer
                     gc.collect()  # the teacher is gone before the next model loads
                 out["teachers"][teacher.name] = {**reused, **scored}
                 out["teacher_info"][teacher.name] = {**info, "cka_states": states}
                 out["reused"][teacher.name] = sorted(reused)
+            out["lm_eval"] = {name: scores for name, scores in lm_eval.items() if scores}
             # one checkpoint per training phase
             for name, folder in plan["phases"]:
                 gc.collect()
@@ -746,6 +782,10 @@ def build_report(recipe, plan, scored, seconds=None) -> dict:
         "provenance": _provenance(recipe, plan),
         "notes": notes,
     }
+    if plan.get("lm_eval"):
+        from .probes.lm_eval_task import lm_eval_table
+
+        report["lm_eval"] = lm_eval_table(plan["lm_eval"], scored.get("lm_eval", {}))
     if plan["lmc"] is not None:
         report["lmc"] = plan["lmc"]
     if seconds is not None:

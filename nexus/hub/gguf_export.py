@@ -8,8 +8,11 @@ transformers' GGUF reader (``from_pretrained(dir, gguf_file=...)``, which undoes
 - gemma3: every RMSNorm weight stored as ``1 + w`` (llama.cpp multiplies by the stored weight);
 - 1-D tensors (norms, biases) stay F32; matrices are F32, F16 or Q8_0 (``dtype``);
 - the tokenizer goes in when gguf-py can describe it: byte-level BPE (``gpt2``, with merges) or a Llama/Gemma-style
-  byte-fallback tokenizer (``llama``, with scores). Anything else (e.g. a character WordLevel tokenizer) is written
-  as ``no_vocab`` plus the vocabulary size: the weights are usable, the tokenizer stays in the HF folder.
+  byte-fallback tokenizer (``llama``, with scores). A character-level tokenizer (a WordLevel model whose every
+  non-special token is one character, as the demo's specialists use) is written as llama.cpp's byte-level BPE: each
+  character token under its byte-level spelling (``' '`` -> ``'Ġ'``), plus one merge chain per multi-byte UTF-8
+  character, so llama.cpp splits text into the same one-token-per-character ids (`char_level_vocab`). Any other
+  tokenizer is refused with one line naming the file and why (`GGUFExportError`), never a GGUF without a vocabulary.
 
 What llama.cpp hard-codes for an architecture is checked before writing, and a mismatch is an error naming the
 field: Gemma-3 in llama.cpp always uses the 5-local:1-global layer pattern, local RoPE theta 10000 and attention
@@ -125,14 +128,72 @@ def _tokenizer_vocab(folder):
     return None
 
 
+def byte_level_alphabet():
+    """GPT-2's byte -> printable character map (what llama.cpp's ``gpt2`` tokenizer runs text through)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def char_level_vocab(folder):
+    """``(tokens, types, merges)`` of a character-level WordLevel tokenizer as a byte-level BPE vocabulary, or a
+    reason string when the tokenizer in ``folder`` is not character-level."""
+    from gguf import TokenType
+
+    path = Path(folder) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "WordLevel":
+        return f"its model is {model.get('type')!r}, neither byte-level BPE, byte-fallback nor character-level"
+    specials = {t["content"] for t in data.get("added_tokens") or [] if t.get("special")}
+    vocab = model["vocab"]
+    long = [t for t in vocab if t not in specials and len(t) != 1]
+    if long:
+        return (f"its WordLevel vocabulary has multi-character tokens (e.g. {long[0]!r}), which llama.cpp's "
+                "tokenizers cannot reproduce without merges")
+    alphabet = byte_level_alphabet()
+    tokens, types, merges = [None] * len(vocab), [TokenType.NORMAL] * len(vocab), []
+    for text, i in vocab.items():
+        if text in specials:
+            tokens[i], types[i] = text, TokenType.CONTROL
+            continue
+        pieces = [alphabet[b] for b in text.encode("utf-8")]
+        tokens[i] = "".join(pieces)
+        for k in range(1, len(pieces)):  # a multi-byte character: merge its bytes left to right
+            merges.append(f"{''.join(pieces[:k])} {pieces[k]}")
+    if any(t is None for t in tokens):
+        return "its vocabulary ids are not contiguous from 0"
+    return [t.encode("utf-8") for t in tokens], types, merges
+
+
 def _add_tokenizer(writer, folder, vocab_size):
     from gguf import TokenType
     from gguf.vocab import SpecialVocab
 
     vocab = _tokenizer_vocab(folder) if folder else None
     if vocab is None:
-        writer.add_tokenizer_model("no_vocab")
-        return "no_vocab"
+        where = Path(folder) / "tokenizer.json" if folder else "(no tokenizer folder)"
+        if not folder or not (Path(folder) / "tokenizer.json").is_file():
+            raise GGUFExportError(f"{where}: no tokenizer.json, so the GGUF would have no vocabulary llama.cpp can "
+                                  "tokenize with; export from a folder that holds the tokenizer")
+        described = char_level_vocab(folder)
+        if isinstance(described, str):
+            raise GGUFExportError(f"{where}: no llama.cpp tokenizer can express it: {described}")
+        tokens, types, merges = described
+        if len(tokens) > vocab_size:
+            raise GGUFExportError(f"{where}: {len(tokens)} tokens but the model has {vocab_size} embedding rows")
+        for i in range(len(tokens), vocab_size):
+            tokens.append(f"[PAD{i}]".encode())
+            types.append(TokenType.UNUSED)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        # llama.cpp requires the merges key and gguf-py skips an empty array: a merge of two characters byte-level
+        # text never holds (U+0200 is past the byte alphabet, which ends at U+0143) keeps it present and inert
+        writer.add_token_merges(merges or ["\u0200 \u0200"])
+        SpecialVocab(folder, load_merges=False, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+        return "gpt2 (character-level)"
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)

@@ -12,8 +12,10 @@ Real use (needs network and a token with write access, from ``huggingface-cli lo
     nexus push out/nexus-demo my-user/nexus-demo            # creates the repo if needed, then uploads
     nexus push out/nexus-demo my-user/nexus-demo --private
 
-The upload is ``HfApi().create_repo(repo_id, exist_ok=True, private=...)`` then ``HfApi().upload_folder(...)``;
-``push_folder(..., api=...)`` takes any object with those two methods, which is how the tests run it offline.
+Before the real upload, `check_hub_access` (``hub_access.py``) checks for a token and reaches the Hub, so being
+offline or logged out is one line (exit 2), not a traceback. The upload is ``HfApi().create_repo(repo_id,
+exist_ok=True, private=...)`` then ``HfApi().upload_folder(...)``; ``push_folder(..., api=...)`` takes any object
+with those two methods, which is how the tests run it offline.
 """
 
 import json
@@ -61,9 +63,12 @@ def push_folder(folder, repo_id, private=False, commit_message="Upload NEXUS exp
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
     validate_push_folder(folder)
-    if api is None:
+    if api is None:  # the real Hub: a token and the network first, each failure one line (hub_access.py)
         from huggingface_hub import HfApi
 
+        from .hub_access import check_hub_access
+
+        check_hub_access()
         api = HfApi()
     api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     if not (folder / "README.md").is_file():  # the Hub shows README.md; upload the card under that name too

@@ -15,6 +15,19 @@ every layer to a common shape with zero weights, which leaves the logits unchang
 - the head count is also raised until it divides ``hidden_size``, which transformers' configs require.
 ``head_dim`` cannot be padded (it changes RoPE), so it must already be uniform.
 
+Any single tower exports, whatever the other towers' families (`tower_view`):
+
+- a shared-vocabulary tower gets the shared embedding, final norm and head, in its family's form: a final norm of
+  the other kind is converted (``rms`` weight ``w`` = gemma ``1 + w'``), and the shared embedding scale is folded
+  into the embedding rows when the head is not tied to them (Gemma multiplies by ``sqrt(hidden)``, the others by 1);
+- an own-vocabulary tower (``vocabulary: own``) exports with its own embedding, final norm and head at its own
+  width, mapped back to the shared vocabulary: each id in ``vocabulary_ids`` gets its row, every other id gets the
+  tower's last embedding row (its zero input) and the head's last row, which is the logit Nexus gives those ids.
+
+A shared final norm whose eps differs from the tower's stays an error (standard configs have one eps for every
+norm, and an eps cannot be folded into weights). Every export records ``max_logit_diff``, the largest |logit
+difference| from the Nexus model with that tower forced, on a short probe sequence (``nexus_export.json``).
+
 Example::
 
     from nexus.hub.standard_export import export_standard
@@ -88,12 +101,11 @@ def _check_family(config, tower_index, arch):
     gemma = arch == "gemma3_text"
     _require(spec["hidden_size"] == config.hidden_size, w, "hidden_size", spec["hidden_size"], arch,
              f"the shared hidden_size {config.hidden_size}: a tower with edge projections has no standard form")
+    _require(math.isclose(config.final_norm_eps, spec["rms_norm_eps"], rel_tol=1e-9), "config", "final_norm_eps",
+             config.final_norm_eps, arch, f"the tower's rms_norm_eps {spec['rms_norm_eps']} (one eps for all norms; "
+             "an eps cannot be folded into weights)")
     _require(spec["norm"] == ("gemma_rms" if gemma else "rms"), w, "norm", spec["norm"], arch,
              "'gemma_rms'" if gemma else "'rms'")
-    _require(config.final_norm == spec["norm"], "config", "final_norm", config.final_norm, arch,
-             f"the tower's norm {spec['norm']!r}")
-    _require(math.isclose(config.final_norm_eps, spec["rms_norm_eps"], rel_tol=1e-9), "config", "final_norm_eps",
-             config.final_norm_eps, arch, f"the tower's rms_norm_eps {spec['rms_norm_eps']} (one eps for all norms)")
     _require(spec["sandwich_norms"] == gemma, w, "sandwich_norms", spec["sandwich_norms"], arch, str(gemma))
     _require(spec["qk_norm"] == (arch in ("qwen3", "gemma3_text")), w, "qk_norm", spec["qk_norm"], arch,
              str(arch in ("qwen3", "gemma3_text")))
@@ -333,6 +345,56 @@ def _tower_index(model, tower):
         raise StandardExportError(str(exc)) from None
 
 
+def tower_view(model, t, arch):
+    """``(config view, {embed, norm, head} tensors, notes)``: the model-level fields and tensors tower ``t`` exports
+    with, in the form of ``arch`` (see the module docstring). The view is a shallow copy of the Nexus config."""
+    config, spec = model.config, model.config.towers[t]
+    tower = model.model.towers[t]
+    view = copy.copy(config)
+    family_norm = "gemma_rms" if arch == "gemma3_text" else "rms"
+    notes = []
+    with torch.no_grad():
+        if tower.own_vocabulary:
+            h, n = spec["hidden_size"], (len(spec["vocabulary_ids"]) if spec["vocabulary_ids"] else None)
+            embed, head = tower.embed_tokens.weight.detach(), tower.lm_head.weight.detach()
+            if n is not None:  # rows for vocabulary_ids; every other shared id: the last (zero-input) row
+                ids = torch.tensor(spec["vocabulary_ids"], dtype=torch.long)
+                embed = embed[n].expand(config.vocab_size, h).clone().index_copy_(0, ids, embed[:n])
+                head = head[n].expand(config.vocab_size, h).clone().index_copy_(0, ids, head[:n])
+                notes.append(f"own vocabulary: {n} of {config.vocab_size} ids have their own rows; the other "
+                             "ids share the tower's last embedding and head rows")
+            weights = {"embed": embed, "norm": tower.norm.weight.detach(), "head": head}
+            view.hidden_size, view.tie_word_embeddings = h, False
+            view.final_norm, view.final_norm_eps = spec["norm"], spec["rms_norm_eps"]
+            scale, view.final_logit_softcapping = spec["embedding_scale"], spec["final_logit_softcapping"]
+        else:
+            weights = {"embed": model.model.embed_tokens.weight.detach(), "norm": model.model.norm.weight.detach(),
+                       "head": None if config.tie_word_embeddings else model.lm_head.weight.detach()}
+            scale = config.embedding_scale
+        if view.final_norm != family_norm:  # rms: w * x_hat;  gemma_rms: (1 + w) * x_hat
+            w = weights["norm"].float()
+            weights["norm"] = w - 1.0 if family_norm == "gemma_rms" else w + 1.0
+            notes.append(f"final norm {view.final_norm!r} converted to {family_norm!r}")
+            view.final_norm = family_norm
+        want = view.hidden_size**0.5 if arch == "gemma3_text" else None  # the family's embedding scale
+        if (scale or 1.0) != (want or 1.0) and not view.tie_word_embeddings:
+            weights["embed"] = weights["embed"].float() * ((scale or 1.0) / (want or 1.0))
+            notes.append(f"embedding scale {scale} folded into the embedding rows ({arch} scales by {want or 1})")
+            scale = want
+        view.embedding_scale = scale
+    return view, weights, notes
+
+
+def max_logit_diff(model, hf_model, t, length=16):
+    """max |logits| difference of the export from ``model(ids, tower=t)`` on a fixed pseudo-random sequence."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
+    with torch.no_grad():
+        ref = model(input_ids=ids, tower=t, use_cache=False).logits.float()
+        got = hf_model(input_ids=ids, use_cache=False).logits.float()
+    return float((ref - got).abs().max())
+
+
 def standard_model(model, tower=0, pad_to_uniform=False, arch="auto"):
     """``(hf_model, notes)``: tower ``tower`` of the NexusForCausalLM ``model`` as a standard HF causal LM.
 
@@ -346,6 +408,8 @@ def standard_model(model, tower=0, pad_to_uniform=False, arch="auto"):
         arch = choose_arch(config, t)
     elif arch not in ARCHES:
         raise StandardExportError(f"arch must be 'auto' or one of {', '.join(ARCHES)}, got {arch!r}")
+    view, weights, view_notes = tower_view(model, t, arch)
+    config = view  # the model-level fields this tower exports with
     _check_family(config, t, arch)
     shape = uniform_shape(config, t, pad_to_uniform)
     try:
@@ -363,9 +427,9 @@ def standard_model(model, tower=0, pad_to_uniform=False, arch="auto"):
     hidden = config.hidden_size
     gemma = arch == "gemma3_text"
     norm_fill = 0.0 if gemma else 1.0  # an absent norm: its value never matters (it feeds all-zero weights)
-    out = {"model.embed_tokens.weight": state["model.embed_tokens.weight"], "model.norm.weight": state["model.norm.weight"]}
+    out = {"model.embed_tokens.weight": weights["embed"].to(dtype), "model.norm.weight": weights["norm"].to(dtype)}
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
+        out["lm_head.weight"] = weights["head"].to(dtype)
     norm_names = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i, layer in enumerate(spec["layers"]):
         src = f"model.towers.{t}.layers.{i}."
@@ -391,7 +455,7 @@ def standard_model(model, tower=0, pad_to_uniform=False, arch="auto"):
                             allow_missing=("lm_head.weight",) if config.tie_word_embeddings else ())
     if config.tie_word_embeddings:
         hf_model.tie_weights()
-    return hf_model.eval(), shape.notes
+    return hf_model.eval(), view_notes + shape.notes
 
 
 def export_standard(src, out, tower=0, pad_to_uniform=False, arch="auto", overwrite=False, tokenizer_src=None,
@@ -413,7 +477,8 @@ def export_standard(src, out, tower=0, pad_to_uniform=False, arch="auto", overwr
     t = _tower_index(model, tower)
     info = {"source": None if isinstance(src, torch.nn.Module) else str(src), "tower": t,
             "tower_name": model.model.towers[t].name, "architecture": hf_model.config.model_type,
-            "padded": bool(notes), "notes": notes}
+            "padded": any("padded" in n for n in notes), "notes": notes,
+            "max_logit_diff": max_logit_diff(model, hf_model, t)}
     tok_dir = tokenizer_src or (None if isinstance(src, torch.nn.Module) else src)
     with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         hf_model.save_pretrained(tmp)

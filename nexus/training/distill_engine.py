@@ -29,15 +29,18 @@ counted and logged (``"skipped": true`` with the reason). ``max_consecutive_skip
 **Run log.** ``run_dir/run_log.jsonl``: one JSON line per step (loss, parts, lr, grad norm, tokens, skipped) and
 events (start, resume, checkpoint). ``run_dir/train_log.json``: the returned summary.
 
-**Multi-process on CPU (accelerate 1.15).** ``accelerate launch --cpu --num_processes 2 script.py`` starts ONE process
-(the ``--cpu`` path uses the single-process launcher unless an MPI hostfile is given). What works::
+**Multi-process on CPU (accelerate 1.16).** ``accelerate launch --cpu --num_processes 2 script.py`` starts ONE process
+(the ``--cpu`` path uses the single-process launcher unless an MPI hostfile is given; the `nexus` commands re-execute
+themselves as N processes then, see `rank_zero_first.py`). What works for any script::
 
     OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29511 script.py
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 script.py
 
 Both start two processes through torch.distributed.run; the engine builds ``Accelerator(cpu=True)`` when there is no
-GPU, which makes accelerate pick ``MULTI_CPU`` with the gloo backend. (Without ``cpu=True`` accelerate 1.15 falls back
-to ``DistributedType.NO`` and each process silently trains alone; the engine refuses that case.) DDP's
+GPU, which makes accelerate pick ``MULTI_CPU`` with the gloo backend. (Without ``cpu=True`` accelerate falls back
+to ``DistributedType.NO`` and each process silently trains alone; the engine refuses that case, and FSDP / DeepSpeed
+too: see `check_ddp_only`.) DDP wraps ``forward(model, batch)`` as a whole (`_ForwardCall`), so a forward that uses
+parameters besides ``model(...)`` (the distill stage's router logits) is one DDP forward. DDP's
 ``find_unused_parameters`` is on by default only for multi-tower Nexus models (a batch routed to one tower leaves
 the others without gradients); it costs a graph traversal per step.
 
@@ -58,13 +61,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nexus.conversion.atomic_output import atomic_dir, atomic_file
-from nexus.conversion.load_check import check_load_report, checked_load_file, checked_load_state_dict
 from safetensors.torch import load_file, save_file, save_model
+
+from nexus.conversion.atomic_output import atomic_dir, atomic_file
+from nexus.conversion.load_check import (
+    check_load_report,
+    checked_load_file,
+    checked_load_state_dict,
+)
 
 from .distill_options import RESUME_FREE_FIELDS, EngineOptions
 from .forward_batch import forward_batch
 from .preservation import Preservation, canonical_parameters
+from .rank_zero_first import finish_follower, release_followers
 
 CHECKPOINT_PREFIX = "step-"
 RUN_LOG = "run_log.jsonl"
@@ -279,6 +288,16 @@ class _RunLog:
             self.fh = None
 
 
+def check_ddp_only(distributed_type):
+    """Refuse FSDP / DeepSpeed: the engine builds its optimizer before ``prepare()`` and clips gradients itself, which
+    is right for DDP's replicated parameters and wrong for sharded ones."""
+    kind = getattr(distributed_type, "value", str(distributed_type))
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise ValueError(f"accelerate distributed_type {kind}: the distillation engine runs DDP only (its optimizer "
+                         "and gradient clipping are not prepared for sharded parameters); launch without the "
+                         "FSDP/DeepSpeed config (e.g. nexus/training/accelerate_configs/ddp_cpu.yaml)")
+
+
 def _make_accelerator(options, model):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -291,12 +310,45 @@ def _make_accelerator(options, model):
         mixed_precision="no",  # autocast is applied by the engine itself (see EngineOptions.autocast)
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
     )
+    check_ddp_only(accelerator.distributed_type)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {accelerator.num_processes} "
                            "process(es); on CPU launch with `accelerate launch --multi_gpu --num_processes N` or "
                            "`torchrun --nproc_per_node N` (not `accelerate launch --cpu`)")
     return accelerator
+
+
+class _ForwardCall(torch.nn.Module):
+    """``forward(model, batch)`` as one module call, so that DDP wraps the whole of it.
+
+    A custom forward may use parameters outside ``model(...)`` (the distill stage calls the router on the batch's
+    embeddings besides the tower forward). Called on a bare DDP-wrapped model, those uses happen outside DDP's
+    forward: with ``find_unused_parameters`` DDP marks the router unused, then its gradient arrives in backward and
+    DDP stops with "Expected to mark a variable ready only once". Wrapped here, every use is inside one DDP forward,
+    and every tensor of the outputs (a ModelOutput, a dict or any object with attributes) is handed to DDP's
+    unused-parameter search.
+    """
+
+    def __init__(self, model, forward):
+        super().__init__()
+        self.model, self.call = model, forward
+
+    def forward(self, batch):
+        outputs = self.call(self.model, batch)
+        found = vars(outputs) if not isinstance(outputs, (dict, tuple, list)) and hasattr(outputs, "__dict__") \
+            else outputs
+        return outputs, [t for t in _tensors_of(found) if t.requires_grad]
+
+
+def _tensors_of(obj):
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors_of(x)]
+    return []
 
 
 def _options_mismatch(saved, current):
@@ -392,7 +444,8 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
         log = _RunLog(run_dir / RUN_LOG, main, keep_until_step=resumed_from)
         log.write({"step": state["step"], "event": "resume" if checkpoints else "start", "world_size": world,
                    "autocast": autocast_mode, "options": options_json})
-        wrapped = accelerator.prepare(model)
+        release_followers(accelerator)  # ranks > 0 of a `nexus` command start their stage work now (rank_zero_first)
+        wrapped = accelerator.prepare(_ForwardCall(model, forward))
     except BaseException:
         preservation.detach()
         raise
@@ -406,7 +459,7 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
         if main:
             target = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
             with atomic_dir(target, overwrite=True) as tmp:
-                save_model(accelerator.unwrap_model(wrapped), str(tmp / "model.safetensors"))
+                save_model(model, str(tmp / "model.safetensors"))
                 if loss_state:
                     save_model(loss_module, str(tmp / "loss_module.safetensors"))
                 tensors, meta = _optimizer_files(optimizer)
@@ -430,16 +483,17 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s  skipped {task.fields[skips]}"),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                   disable=not (progress and main), transient=False)
+    from ..conversion.progress_bar import progress_with_columns
+
+    bar = progress_with_columns(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s  skipped {task.fields[skips]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), enabled=bool(progress and main))
     consecutive, session_tokens, checkpoint_seconds = 0, 0, 0.0
     start = time.perf_counter()
     wrapped.train()
@@ -455,7 +509,7 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
                     sync = contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(wrapped)
                     with sync:
                         with autocast():
-                            outputs = forward(wrapped, batch)
+                            outputs, _ = wrapped(batch)
                         loss, parts = loss_module(outputs, batch)
                         accelerator.backward(loss / accum)
                     value = float(loss.detach())
@@ -546,4 +600,5 @@ def train_student(model, loss_module, batches, options, run_dir, *, preservation
     if main:
         with atomic_file(run_dir / TRAIN_LOG) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
+    finish_follower(accelerator)  # a rank > 0 of a `nexus` command stops here: rank 0 alone writes the outputs
     return summary

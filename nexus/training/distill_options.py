@@ -45,7 +45,7 @@ class EngineOptions(_Strict):
     autocast: Literal["auto", "off", "bf16"] = Field(
         "auto", description="bf16 autocast of the forward pass; 'auto' = bf16 only with native bf16 hardware "
                             "(AVX512-BF16/AMX CPUs, bf16 GPUs): on AVX2-only CPUs bf16 is several times slower")
-    seed: int = Field(0, description="seeds the RNG (dropout etc.) at the start of a fresh run")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the RNG (dropout etc.) at the start of a fresh run")
     checkpoint_every: int = Field(
         100, ge=1, description="write a checkpoint every N optimizer steps (and always after the last step)")
     keep_last: int = Field(2, ge=1, description="keep only the newest K checkpoints")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .base import Probe, ProbeResult, inference_context, mean_summary, select_items, summary
 from .data_source import ProbeDataError
@@ -180,3 +180,62 @@ class LMEvalTaskProbe(Probe):
 
 
 register_probe("lm_eval", LMEvalTaskProbe)
+
+
+# ---------------------------------------------------------------- extra lm-eval tasks of `nexus validate`
+
+
+class LMEvalTaskSpec(LMEvalOptions):
+    """One local lm-eval task that `nexus validate` runs on the student and on every teacher (``stages.validate.
+    lm_eval_tasks``), reported per model with a bootstrap CI and the standard error::
+
+        stages:
+          validate:
+            lm_eval_tasks:
+              - {yaml: tasks/my_task.yaml}                  # relative to the recipe's folder
+              - {yaml: tasks/other.yaml, metric: acc_norm, num_fewshot: 0}
+    """
+
+    yaml: Path = Field(description="a local lm-eval task YAML whose dataset is a local file (nothing is downloaded); "
+                                   "relative to the recipe's folder")
+
+    @field_validator("yaml")
+    @classmethod
+    def _resolve(cls, value, info):
+        base = (info.context or {}).get("base_dir")
+        value = Path(value).expanduser()
+        return value if value.is_absolute() or base is None else Path(base) / value
+
+
+def load_lm_eval_tasks(specs, settings):
+    """The loaded probes of ``specs`` (`LMEvalTaskSpec`) as ``{TASK: probe}``; a bad task is a `ProbeDataError`
+    naming its YAML, raised before any model is scored."""
+    probes = {}
+    for spec in specs:
+        probe = LMEvalTaskProbe(spec.yaml, spec.model_dump(exclude={"yaml"}), settings).load()
+        if probe.task in probes:
+            raise ProbeDataError(f"lm-eval task {probe.task!r} is listed twice in stages.validate.lm_eval_tasks "
+                                 f"({probes[probe.task].label} and {spec.yaml})")
+        probes[probe.task] = probe
+    return probes
+
+
+def score_lm_eval_tasks(probes, model, tokenizer) -> dict:
+    """``{TASK: {"score", "ci", "stderr", "n", "metric", "items"}}`` of one resident model on every task."""
+    out = {}
+    for task, probe in probes.items():
+        result = probe.score(model, tokenizer)
+        values = np.asarray(result.items, dtype=np.float64)
+        stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+        out[task] = {"score": result.summary["score"], "ci": result.summary["ci"], "stderr": stderr,
+                     "n": result.summary["n"], "metric": probe.metric_name, "items": list(result.items)}
+    return out
+
+
+def lm_eval_table(probes, per_model) -> dict:
+    """The report's ``lm_eval`` section: per task, its metric and every model's score with its CI and stderr."""
+    return {task: {"yaml": probe.label, "metric": probe.metric_name, "higher_is_better": probe.higher_is_better,
+                   "n": len(probe), "ci": "bootstrap 95% percentile CI over documents; stderr = sd / sqrt(n)",
+                   "models": {name: {k: v for k, v in scores[task].items() if k != "items"}
+                              for name, scores in per_model.items() if task in scores}}
+            for task, probe in probes.items()}

@@ -9,7 +9,8 @@ unless the whole export succeeds):
   a process that cannot import NEXUS;
 - the tokenizer files and ``generation_config.json``;
 - ``model_card.md`` and the same text as ``README.md`` (the file the Hub shows): the card at ``card`` if given,
-  else the source's own ``model_card.md``, else a minimal card rendered from the config and ``card_info``.
+  else the source's own ``model_card.md``, else a minimal card rendered from the config and ``card_info``; its
+  usage snippet loads ``out`` as given (or ``repo_id``), and absolute local paths are made relative (``card_paths.py``).
 
 The full card, with retention numbers from the validation report, is rendered by the report code; this file only
 places it. ``verify=True`` loads the result in a fresh project-free process before it is moved into place.
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..conversion.atomic_output import atomic_dir, check_output_vs_sources
+from .card_paths import card_with_paths, load_path_for
 from .nexus_checkpoint import (
     check_nexus_checkpoint,
     load_nexus_checkpoint,
@@ -114,7 +116,7 @@ def export_checkpoint(src, out, card=None, card_info=None, tokenizer_src=None, r
         raise FileNotFoundError(f"no tokenizer in {tokenizer_src or src}: expected tokenizer.json or "
                                 "tokenizer.model (pass a tokenizer folder with tokenizer_src / --tokenizer)")
     model = load_nexus_checkpoint(src)
-    text = _card_text(src, model, card, card_info, repo_id)
+    text = card_with_paths(_card_text(src, model, card, card_info, repo_id), load_path_for(out, repo_id))
     summary = {"path": str(out), "source": str(src), "towers": len(model.config.towers)}
     with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         model.save_pretrained(tmp)  # safetensors + config with auto_map + copied modeling files
@@ -125,6 +127,9 @@ def export_checkpoint(src, out, card=None, card_info=None, tokenizer_src=None, r
         missing = [n for n in MODELING_FILES if not (tmp / n).is_file()]
         if missing:
             raise RuntimeError(f"save_pretrained did not copy the modeling files {missing}")
+        from ..conversion.student_hashes import write_student_hashes
+
+        write_student_hashes(tmp)  # per-tensor sha256: add-teacher refuses a modified folder
         if verify:
             from .fresh_load import fresh_process_logits
 

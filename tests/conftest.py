@@ -36,18 +36,20 @@ _COMMON = dict(
 )
 
 
-def tiny_teacher(family, seed=0):
-    """A tiny random HF teacher of ``family``; norms and biases are perturbed so a mapping error shows in logits."""
+def tiny_teacher(family, seed=0, **overrides):
+    """A tiny random HF teacher of ``family``; norms and biases are perturbed so a mapping error shows in logits.
+    ``overrides``: config fields that replace the common tiny ones (e.g. ``hidden_size``)."""
     torch.manual_seed(seed)
+    common = {**_COMMON, **overrides}
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_COMMON, tie_word_embeddings=False))
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON, tie_word_embeddings=False))
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
     elif family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**_COMMON, head_dim=16, tie_word_embeddings=True))
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
     elif family == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(
-            **_COMMON, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+            **common, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         ))
     else:

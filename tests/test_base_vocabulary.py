@@ -240,6 +240,7 @@ def test_edge_init_fit_maps_the_base_embedding_onto_a_narrower_teachers_own_rows
     char_tokenizer().save_pretrained(teachers["llama_char"])
     recipe = make_recipe(teachers, tmp_path / "run")
     options = recipe.stages["student_build"].model_copy(update={"base_teacher": "qwen_bpe", "edge_init": "fit",
+                                                                "tower_vocabulary": "shared",
                                                                 "budget_fraction": 1.0})
     recipe.stages["student_build"] = type(options).model_validate(options.model_dump())
     path, record = build_student(recipe, PROFILE, tmp_path / "init", texts=small_texts(recipe), show_progress=False)

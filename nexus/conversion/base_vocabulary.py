@@ -233,7 +233,22 @@ def teacher_head(folder):
 # ------------------------------------------------------------------------------------------------ the vocabulary
 
 
-def trimmed_base_tokenizer(tokenizer, texts, trim=True):
+def top_tokens(tokenizer, n):
+    """The first ``n`` ordinary (non-special, non-byte-fallback) token strings of ``tokenizer`` by id."""
+    if n <= 0:
+        return []
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if i in special or (token.startswith("<0x") and token.endswith(">")) or token.startswith("<unused"):
+            continue
+        out.append(token)
+        if len(out) >= n:
+            break
+    return out
+
+
+def trimmed_base_tokenizer(tokenizer, texts, trim=True, keep_top=0):
     """(student tokenizer, `vocab_trim.VocabTrim`): ``tokenizer`` trimmed to what ``texts`` ({cap: TrainingText})
     use (checked to encode every chunk exactly as ``tokenizer`` does), or kept whole with ``trim=False``."""
     from .vocab_trim import VocabTrim, kept_vocabulary, trim_tokenizer
@@ -241,19 +256,19 @@ def trimmed_base_tokenizer(tokenizer, texts, trim=True):
     chunks = [c for t in texts.values() for c in t.chunks]
     if not trim:
         return tokenizer, VocabTrim(list(range(len(tokenizer))), len(tokenizer), {"not trimmed": len(tokenizer)})
-    plan = kept_vocabulary(tokenizer, chunks)
+    plan = kept_vocabulary(tokenizer, chunks, extra_tokens=top_tokens(tokenizer, keep_top))
     with tempfile.TemporaryDirectory(prefix="nexus-base-vocab-") as tmp:
         trimmed = trim_tokenizer(tokenizer, plan, Path(tmp) / "tokenizer", check_texts=chunks)
     return trimmed, plan
 
 
-def base_vocabulary(recipe, profile, texts, folders, base_teacher=None, trim=True, params=None):
+def base_vocabulary(recipe, profile, texts, folders, base_teacher=None, trim=True, params=None, keep_top=0):
     """The student tokenizer (carrying its `BaseVocabulary` as ``.nexus_base``) and that `BaseVocabulary`."""
     from .vocab_trim import VocabTrimError
 
     name, teacher_tok, choice = choose_base_teacher(recipe, profile, texts, folders, base_teacher, params)
     try:
-        tokenizer, plan = trimmed_base_tokenizer(teacher_tok, texts, trim)
+        tokenizer, plan = trimmed_base_tokenizer(teacher_tok, texts, trim, keep_top)
     except VocabTrimError as exc:
         raise BaseVocabularyError(f"base teacher {name!r}: its vocabulary cannot be trimmed ({exc}); set "
                                   "stages.student_build.trim_vocabulary: false to keep all of it") from None

@@ -20,7 +20,14 @@ false``); it is listed under ``no_competent_teacher`` in ``student_build.json``.
 A tower keeps its teacher's width; when that differs from the shared hidden size,
 the tower's edge projections (``in_proj`` / ``out_proj``, made by ``NexusDecoderTower``) are initialised to select /
 re-embed the teacher's channels (``[I | 0]`` and its transpose), so the tower sees the first ``h_t`` channels of the
-shared residual stream.
+shared residual stream. With ``tokenizer: base`` a tower from another teacher than the base teacher instead gets
+its own embedding, final norm and LM head over the shared vocabulary (``tower_vocabulary: own``, the default;
+`tower_vocabulary`), filled from its teacher by token string, so a character-level specialist is reproduced exactly
+on text the base tokenizer splits into characters; the base teacher's tower, kept whole, is marked ``exact`` (distill
+freezes it: ``freeze_exact_towers``).
+
+**Router** (``router_init: fit``, several towers): fitted at build time on the pooled shared embeddings of each
+capability's training windows (`router_fit`), so routing is right before distillation.
 
 **Budget.** The whole student (shared embedding, router, final norm, edge projections, towers) must fit the budget:
 ``stages.student_build.budget_fraction`` x the summed parameters of the teachers it is built from, or else
@@ -113,11 +120,25 @@ class StudentBuildOptions(BaseModel):
                                                        "then teacher size, then recipe order)")
     trim_vocabulary: bool = Field(True, description="tokenizer base: keep only the tokens the capabilities' training "
                                                     "text uses (+ specials, byte fallback, BPE merge paths)")
+    keep_top_tokens: int = Field(0, ge=0, description="tokenizer base, trimmed: also keep the base tokenizer's first N "
+                                                      "ordinary tokens by id (BPE: its earliest, most frequent merges) "
+                                                      "and their merge paths, so text the training text never used is "
+                                                      "not split into more, smaller pieces than the teacher's own "
+                                                      "tokenizer makes")
     edge_init: Literal["identity", "fit"] = Field(
         "identity", description="tokenizer base: edge projections of towers from other teachers (whose width differs): "
                                 "identity = [I | 0] (the tower reads the first channels of the base embedding); fit = "
                                 "least squares over the tokens both vocabularies share (in_proj onto the tower "
                                 "teacher's own embedding rows, out_proj onto its head through the base head)")
+    tower_vocabulary: Literal["own", "shared"] = Field(
+        "own", description="tokenizer base: towers of teachers other than the base teacher: own = their own "
+                           "embedding, final norm and LM head over the shared vocabulary, filled from their teacher "
+                           "by token string (`tower_vocabulary`); shared = they read the base embedding and write "
+                           "through the base head via edge projections (edge_init)")
+    router_init: Literal["fit", "random"] = Field(
+        "fit", description="the router (several towers): fit = a linear classifier fitted at build time on the "
+                           "pooled shared embeddings of each capability's training windows (`router_fit`); random = "
+                           "the model's own init (distillation's router loss trains it)")
     bpe_vocab_size: int = Field(1024, ge=260, description="train_bpe: vocabulary size (specials and bytes included)")
     split_digits: bool = Field(True, description="train_bpe: every digit its own token (aligns 1:1 with a "
                                                  "character-level teacher on numbers)")
@@ -152,7 +173,7 @@ class StudentBuildOptions(BaseModel):
                               "init: random)")
     chunk_chars: int = Field(400, ge=16, description="training text is cut into chunks of about this many characters")
     arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic: generated training items")
-    seed: int = Field(0, description="seed of the random parts (rows no teacher provides)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random parts (rows no teacher provides)")
 
 
     @model_validator(mode="after")
@@ -186,7 +207,8 @@ def teacher_counts(folder):
     config = NexusConfig(**nexus_config_kwargs(hf))
     counts = config_parameter_count(config)
     return {"total": counts["total"], "layers": counts["non_embedding"] - config.hidden_size,
-            "hidden_size": config.hidden_size, "max_positions": config.max_position_embeddings}
+            "hidden_size": config.hidden_size, "max_positions": config.max_position_embeddings,
+            "vocab_size": config.vocab_size}
 
 
 def tower_teachers(recipe: Recipe, profile: dict) -> dict:
@@ -266,7 +288,8 @@ def shared_tokenizer(options, texts, recipe, folders, profile=None):
         try:
             tokenizer, _ = base_vocabulary.base_vocabulary(recipe, profile, texts, folders,
                                                            getattr(options, "base_teacher", None),
-                                                           getattr(options, "trim_vocabulary", True))
+                                                           getattr(options, "trim_vocabulary", True),
+                                                           keep_top=getattr(options, "keep_top_tokens", 0))
         except base_vocabulary.BaseVocabularyError as exc:
             raise StudentBuildError(str(exc)) from None
         return tokenizer
@@ -314,7 +337,7 @@ def _effective_norm(model):
 
 
 def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget, options, console, show_progress,
-                    unk_tolerance=None, weights=None):
+                    unk_tolerance=None, weights=None, keep_head=False):
     """Load one teacher, import, compress its layers to ``tower_layer_budget``; returns what the student needs.
 
     ``texts`` {capability: TrainingText} of the capabilities the tower serves, ``weights`` {capability: weight}
@@ -334,6 +357,12 @@ def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget
     gc.collect()
     info = {"embedding": nexus.model.embed_tokens.weight.detach().float().clone(),
             "final_norm": _effective_norm(nexus), "tokenizer": tok, "max_positions": max_pos}
+    if keep_head:  # an own-vocabulary tower: its teacher's head, final norm (as stored), scale and softcap
+        info["own_vocabulary"] = {
+            "lm_head": None if nexus.config.tie_word_embeddings else nexus.lm_head.weight.detach().float().clone(),
+            "norm_weight": nexus.model.norm.weight.detach().float().clone(),
+            "embedding_scale": nexus.config.embedding_scale,
+            "final_logit_softcapping": nexus.config.final_logit_softcapping}
     hidden = nexus.config.hidden_size
     copts = CompressOptions(scorer=options.scorer, allocation=options.allocation, vocab={"trim": False},
                             calibration_tokens=options.calibration_tokens, selection_tokens=options.selection_tokens,
@@ -359,22 +388,13 @@ def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget
     return info
 
 
-def _surface_index(tokenizer):
-    from ..training.token_alignment import token_surface_strings
-
-    index = {}
-    for i, s in enumerate(token_surface_strings(tokenizer)):
-        if s is not None and s not in index:
-            index[s] = i
-    return index
-
-
 def _init_embedding(student, student_tok, towers, texts, order, options):
     """Fill the shared embedding rows (see the module docstring); returns counts of where rows came from.
 
     With a base teacher (``tokenizer: base``) its final norm and, unless ``embedding_init: random``, its embedding
     and LM-head rows are copied exactly instead (`base_vocabulary.copy_base_head`)."""
     from ..training.token_alignment import token_surface_strings
+    from .tower_vocabulary import teacher_token_index
 
     weight = student.model.embed_tokens.weight
     H = weight.shape[1]
@@ -393,7 +413,7 @@ def _init_embedding(student, student_tok, towers, texts, order, options):
         weight.copy_(torch.randn(weight.shape, generator=gen) * scale)
         owners = token_owners(student_tok, texts, order)
         strings = token_surface_strings(student_tok)
-        indexes = {cap: _surface_index(towers[cap]["tokenizer"]) for cap in order}
+        indexes = {cap: teacher_token_index(towers[cap]["tokenizer"]) for cap in order}
         for sid, s in enumerate(strings):
             if s is None:
                 continue
@@ -444,6 +464,10 @@ def assemble_student(towers, student_tok, hidden_size, order, texts, options):
     for name in order:
         spec = {k: v for k, v in towers[name]["tower_spec"].items()}
         spec.update(name=name, capabilities=list(towers[name].get("capabilities") or [name]))
+        own = towers[name].get("own_vocabulary")
+        if own is not None:  # its own embedding, final norm and head (`tower_vocabulary`)
+            spec.update(vocabulary="own", embedding_scale=own["embedding_scale"],
+                        final_logit_softcapping=own["final_logit_softcapping"], vocabulary_ids=list(own["plan"]))
         specs.append(spec)
         tower_of.update({cap: name for cap in spec["capabilities"]})
     served = [c for c in texts if c in tower_of] + [c for c in tower_of if c not in texts]  # recipe order
@@ -457,7 +481,16 @@ def assemble_student(towers, student_tok, hidden_size, order, texts, options):
         for t, name in enumerate(order):
             tower = student.model.towers[t]
             checked_load_state_dict(tower, towers[name]["tower_state"], towers[name].get("source", "(in memory)"),
-                                    what=f"tower {name!r} from teacher", allow_missing=("in_proj", "out_proj"))
+                                    what=f"tower {name!r} from teacher",
+                                    allow_missing=("in_proj", "out_proj", "embed_tokens", "norm.", "lm_head"))
+            own = towers[name].get("own_vocabulary")
+            if own is not None:
+                from .tower_vocabulary import fill_own_vocabulary
+
+                embedding = towers[name]["embedding"]
+                head = own["lm_head"] if own["lm_head"] is not None else embedding
+                towers[name]["own_vocabulary_rows"] = fill_own_vocabulary(tower, own["plan"], embedding, head,
+                                                                          own["norm_weight"])
             if tower.in_proj is not None:
                 h = tower.in_proj.weight.shape[0]
                 eye = torch.zeros(h, hidden_size)
@@ -571,7 +604,21 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
                           f"FFN {ffn} (random init)")
     else:
         fixed = matrices * len(student_tok) * hidden + hidden + (hidden * n + n if n > 1 else 0)
-        fixed += sum(2 * hidden * counts[t]["hidden_size"] for t in serves if counts[t]["hidden_size"] != hidden)
+        base = base_vocabulary.of(student_tok)
+        own = {}  # teacher -> its tower's own-vocabulary plan (`tower_vocabulary`): rows it needs, before any load
+        if base is not None and options.tower_vocabulary == "own":
+            from .teacher_source import load_tokenizer
+            from .tower_vocabulary import own_vocabulary_plan
+
+            for t, caps in serves.items():
+                if t != base.teacher:
+                    chunks = [c for cap in caps for c in texts[cap].chunks]
+                    own[t] = own_vocabulary_plan(student_tok, load_tokenizer(folders[t]), chunks,
+                                                 counts[t]["vocab_size"])
+        # own vocabulary: (rows + the shared last row) x 2 (embedding, head) + its final norm; else edge projections
+        fixed += sum((2 * (len(own[t]) + 1) + 1) * counts[t]["hidden_size"] if t in own
+                     else 2 * hidden * counts[t]["hidden_size"]
+                     for t in serves if t in own or counts[t]["hidden_size"] != hidden)
         cap_weight = {c.name: c.weight for c in recipe.capabilities}
         weights = ({t: sum(cap_weight[c] for c in caps) for t, caps in serves.items()}
                    if options.tower_budget == "weighted_share" else None)
@@ -587,8 +634,10 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
             towers[name] = _compress_tower(name, name, folders[name], DTYPES[teacher.dtype],
                                            {c: texts[c] for c in caps}, tower_budgets[name], options, console,
                                            show_progress, {c: probe_unk_tolerance(spec_of[c]) for c in caps},
-                                           weights={c: cap_weight[c] for c in caps})
+                                           weights={c: cap_weight[c] for c in caps}, keep_head=name in own)
             towers[name]["capabilities"] = list(caps)
+            if name in own:
+                towers[name]["own_vocabulary"]["plan"] = own[name]
         student, rows = assemble_student(towers, student_tok, hidden, list(serves), texts, options)
         tower_records = [{"index": t, "name": name, "capability": "+".join(caps), "capabilities": list(caps),
                           "teacher": name, "hidden_size": towers[name]["tower_spec"]["hidden_size"],
@@ -596,7 +645,22 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
                           "params": sum(p.numel() for p in student.model.towers[t].parameters()),
                           "layer_budget": tower_budgets[name], "teacher_layer_params": counts[name]["layers"],
                           "budget_weight": weights[name] if weights else None,
+                          "vocabulary": student.config.towers[t]["vocabulary"],
+                          "own_vocabulary_rows": towers[name].get("own_vocabulary_rows"),
+                          # unpruned, from the base teacher whose embedding, head and final norm the student shares:
+                          # it reproduces that teacher exactly (distill may freeze it: freeze_exact_towers)
+                          "exact": bool(base is not None and name == base.teacher and options.init == "teachers"
+                                        and "not pruned" in str(towers[name]["record"].get("note", ""))
+                                        and options.embedding_init == "teachers"),
                           "compress": towers[name]["record"]} for t, (name, caps) in enumerate(serves.items())]
+    router_fit = None
+    if options.router_init == "fit" and options.init == "teachers" and student.model.router is not None:
+        from .router_fit import fit_router
+
+        router_fit = fit_router(student, student_tok, texts, window=options.window_tokens, seed=options.seed)
+        if console is not None:
+            console.print(f"  router fitted on pooled embeddings: held-out accuracy "
+                          f"{router_fit['held_out_accuracy']:.3f} ({router_fit['held_out']} windows)")
     params = sum(p.numel() for p in student.parameters())
     if params > total_budget:
         raise StudentBuildError(f"the built student has {params:,} params, over the budget of {total_budget:,} "
@@ -619,6 +683,7 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         "teacher_params_total": teachers_total,
         "params_ratio": params / teachers_total,
         "embedding_rows": rows,
+        "router_fit": router_fit,
         "training_text": {cap: {"source": t.source, "chunks": len(t.chunks)} for cap, t in texts.items()},
         "options": options.model_dump(mode="json"),
         "seconds": round(time.perf_counter() - start, 1),
@@ -629,6 +694,10 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
     with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
+        if not any(t.trust_remote_code for t in recipe.teachers):  # a base teacher's auto_map must not travel on
+            from .tokenizer_remote_code import strip_remote_code
+
+            record["tokenizer_remote_code_removed"] = strip_remote_code(tmp) or None
         with atomic_file(tmp / "student_build.json") as f_tmp:
             f_tmp.write_text(json.dumps(record, indent=1, default=str))
     return out, record

@@ -18,6 +18,8 @@ import copy
 
 from transformers import PretrainedConfig
 
+from .audio_encoder import normalise_audio_encoder
+
 NORM_TYPES = ("rms", "gemma_rms")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -35,13 +37,26 @@ DECODER_TOWER_DEFAULTS = {
     "mlp_bias": False,
     "query_pre_attn_scalar": None,  # None: head_dim, i.e. scaling = head_dim ** -0.5
     "attn_logit_softcapping": None,
+    # "own": the tower has its own input embedding, final norm and LM head over the shared vocabulary (copied from its
+    # teacher by token string), so a teacher whose hidden space differs from the shared head's keeps its own; "shared":
+    # it reads the shared embedding and writes through the shared final norm and head (with edge projections if its
+    # width differs)
+    "vocabulary": "shared",
+    "embedding_scale": None,  # "own" vocabulary only: multiply its embeddings by this (Gemma: sqrt(hidden))
+    "vocabulary_ids": None,  # "own" vocabulary only: the shared ids it has rows for (None: all of them)
+    "final_logit_softcapping": None,  # "own" vocabulary only
 }
+VOCABULARY_KINDS = ("shared", "own")
 DECODER_LAYER_DEFAULTS = {
     "sliding_window": None,
     "rope_theta": 10000.0,
     "rope_scaling": None,
 }
 DECODER_LAYER_REQUIRED = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+# Optional, stored only when set: which positions a layer's text queries attend to when an encoder prefix (audio) sits
+# before the text: "all" (prefix and text, causal), "text" (text only: self-attention) or "prefix" (the prefix only:
+# cross-attention written as self-attention). Without a prefix, "prefix" leaves each query only itself.
+LAYER_ATTENDS = ("all", "text", "prefix")
 
 
 def _check_int(value, where, minimum=0):
@@ -62,6 +77,16 @@ def normalise_decoder_tower(spec, where, shared_hidden_size):
     _check_int(out["hidden_size"], f"{where}.hidden_size", 1)
     if out["norm"] not in NORM_TYPES:
         raise ValueError(f"{where}.norm must be one of {NORM_TYPES}, got {out['norm']!r}")
+    if out["vocabulary"] not in VOCABULARY_KINDS:
+        raise ValueError(f"{where}.vocabulary must be one of {VOCABULARY_KINDS}, got {out['vocabulary']!r}")
+    ids = out["vocabulary_ids"]
+    if ids is not None:
+        if out["vocabulary"] != "own" or not isinstance(ids, list) or not ids:
+            raise ValueError(f"{where}.vocabulary_ids must be a non-empty list of ids, with vocabulary: own")
+        for i, v in enumerate(ids):
+            _check_int(v, f"{where}.vocabulary_ids[{i}]", 0)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{where}.vocabulary_ids holds an id twice")
     layers = spec.get("layers")
     if not isinstance(layers, list):
         raise ValueError(f"{where}.layers must be a list of layer dicts")
@@ -73,9 +98,11 @@ def normalise_decoder_tower(spec, where, shared_hidden_size):
         missing = [k for k in DECODER_LAYER_REQUIRED if k not in layer]
         if missing:
             raise ValueError(f"{lw}: missing field(s) {missing}")
-        unknown = set(layer) - set(DECODER_LAYER_REQUIRED) - set(DECODER_LAYER_DEFAULTS)
+        unknown = set(layer) - set(DECODER_LAYER_REQUIRED) - set(DECODER_LAYER_DEFAULTS) - {"attends"}
         if unknown:
             raise ValueError(f"{lw}: unknown field(s) {sorted(unknown)}")
+        if layer.get("attends", "all") not in LAYER_ATTENDS:
+            raise ValueError(f"{lw}.attends must be one of {LAYER_ATTENDS}, got {layer['attends']!r}")
         full = {**DECODER_LAYER_DEFAULTS, **copy.deepcopy(layer)}
         for key in DECODER_LAYER_REQUIRED:
             _check_int(full[key], f"{lw}.{key}", 0)
@@ -148,10 +175,15 @@ class NexusConfig(PretrainedConfig):
                 raise ValueError(f"towers[{i}] must be a dict with a 'type' field")
             if spec["type"] == "decoder":
                 spec = normalise_decoder_tower(spec, f"towers[{i}]", hidden_size)
+            bad = [i for i in spec.get("vocabulary_ids") or [] if i >= vocab_size]
+            if bad:
+                raise ValueError(f"towers[{i}].vocabulary_ids: id {bad[0]} is not below vocab_size ({vocab_size})")
             normalised.append(spec)
         self.towers = normalised
         self.router = router if router is not None else {"type": "pooled_linear"}
-        self.encoders = encoders or []
+        self.encoders = [normalise_audio_encoder(spec, f"encoders[{i}]")  # filled in and checked once, here
+                         if isinstance(spec, dict) and spec.get("type") == "whisper_audio" else spec
+                         for i, spec in enumerate(encoders or [])]
         self.vocoder = vocoder
         self.embedding_scale = embedding_scale
         if final_norm not in NORM_TYPES:
@@ -164,6 +196,7 @@ class NexusConfig(PretrainedConfig):
         self.use_cache = use_cache
         # One cache slot for the routing record, then every tower's layers in order (see NexusModel.forward).
         self.num_hidden_layers = 1 + sum(len(t.get("layers", [])) for t in self.towers)
+        kwargs.pop("num_hidden_layers", None)  # derived from the towers: a stale value in a config.json must not win
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

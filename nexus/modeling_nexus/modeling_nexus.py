@@ -8,7 +8,9 @@ its own widths (heads, kv-heads, head_dim, FFN size) because pruned models are i
 
 Routing is hard top-1 at inference: for each sequence the router (or the caller, with ``tower=`` / ``capability=``)
 picks one tower and only the picked towers run. The pick is written into cache slot 0 so that every decoding step of
-``generate`` reuses it, and beam search reorders it with the rest of the cache.
+``generate`` reuses it, and beam search reorders it with the rest of the cache. A forced tower (or a model with one
+tower) is known without reading a tensor, so that forward compiles with no graph break (``torch.compile(...,
+fullgraph=True)``); the router's pick decides which towers run from tensor data, a graph break.
 
 This folder imports only torch, transformers and itself: ``save_pretrained`` copies it into every checkpoint.
 """
@@ -27,8 +29,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from .audio_encoder import NexusAudioEncoder  # noqa: F401  (registers encoder type "whisper_audio")
 from .configuration_nexus import NexusConfig
 from .registry import register, resolve
+from .transcribe import transcribe_audio
 
 # transformers renamed the cache argument and output field from ``past_key_values`` to ``cache`` during 5.x (5.25 passes
 # ``cache=`` from ``generate``). Nexus accepts both names and returns the cache under the installed version's name.
@@ -125,6 +129,7 @@ class NexusAttention(nn.Module):
         self.head_dim = layer_spec["head_dim"]
         self.cache_index = cache_index
         self.sliding_window = layer_spec["sliding_window"]
+        self.attends = layer_spec.get("attends", "all")  # text queries see: prefix and text / text / the prefix
         self.rope_theta = layer_spec["rope_theta"]
         self.rope_scaling = layer_spec["rope_scaling"]
         scalar = tower_spec["query_pre_attn_scalar"] or self.head_dim
@@ -153,7 +158,7 @@ class NexusAttention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.cache_index)  # (B, nkv, S, hd)
-        attn_mask = ctx.mask(self.sliding_window)
+        attn_mask = ctx.mask(self.sliding_window, self.attends)
         if self.softcap is None:
             y = F.scaled_dot_product_attention(
                 q, k, v,
@@ -254,6 +259,7 @@ class ForwardContext:
             am = attention_mask[:, -self.key_length :].to(device=device, dtype=torch.bool)  # (B, S)
             if not bool(am.all()):
                 self.padding = am[:, None, None, :]  # (B, 1, 1, S)
+        self.prefix_length = 0  # positions [0, prefix_length) hold an encoder prefix (set by NexusModel.forward)
         self._masks, self._rotary = {}, {}
 
     def rotary(self, head_dim, theta, scaling, dtype):
@@ -267,10 +273,13 @@ class ForwardContext:
         k = torch.arange(self.key_length, device=self.device)[None, :]
         return k <= q  # (T, S)
 
-    def mask(self, window):
+    def mask(self, window, attends="all"):
         needs_window = window is not None and self.key_length > window
-        if self.padding is None and not needs_window and (self.past_length == 0 or self.query_length == 1):
+        scoped = attends == "prefix" or (attends == "text" and self.prefix_length > 0)
+        if not scoped and self.padding is None and not needs_window and (self.past_length == 0 or self.query_length == 1):
             return None  # is_causal (prefill) or no mask (one new token) is exact
+        if scoped:
+            return self._scoped_mask(window, attends)
         if window not in self._masks:
             q = torch.arange(self.past_length, self.key_length, device=self.device)[:, None]  # (T, 1)
             k = torch.arange(self.key_length, device=self.device)[None, :]  # (1, S)
@@ -283,13 +292,44 @@ class ForwardContext:
             self._masks[window] = allowed | (k == q)[None, None]
         return self._masks[window]
 
+    def _scoped_mask(self, window, attends):
+        """The causal/window/padding mask, then text queries (position >= prefix_length) restricted to text keys
+        (``"text"``) or to prefix keys (``"prefix"``); a row left empty keeps only its own position."""
+        key = (window, attends)
+        if key not in self._masks:
+            base = self.mask(window) if (self.padding is not None or window is not None) else None
+            q = torch.arange(self.past_length, self.key_length, device=self.device)[:, None]  # (T, 1)
+            k = torch.arange(self.key_length, device=self.device)[None, :]  # (1, S)
+            allowed = (k <= q)[None, None] if base is None else base  # (1 or B, 1, T, S)
+            text_q, prefix_k = q >= self.prefix_length, k < self.prefix_length
+            scope = ~text_q | (~prefix_k if attends == "text" else prefix_k)  # (T, S)
+            allowed = allowed & scope[None, None]
+            empty = ~allowed.any(-1, keepdim=True)
+            self._masks[key] = (allowed | ((k == q)[None, None] & empty)).expand(self.batch_size, 1, -1, -1)
+        return self._masks[key]
+
 
 # ----------------------------------------------------------------------------------------------------------- tower
 
 
+class NexusScaledEmbedding(nn.Embedding):
+    """Token embedding times an optional constant (Gemma multiplies by sqrt(hidden) in the weights' dtype)."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, scale=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.scale = scale
+
+    def forward(self, input_ids):
+        x = super().forward(input_ids)
+        if self.scale is None:
+            return x
+        return x * torch.tensor(self.scale, dtype=self.weight.dtype, device=x.device)
+
+
 @register("tower", "decoder")
 class NexusDecoderTower(nn.Module):
-    """A stack of `NexusDecoderLayer`s with per-layer widths; projections at its edges if its width differs."""
+    """A stack of `NexusDecoderLayer`s with per-layer widths; projections at its edges if its width differs, or (spec
+    ``vocabulary: own``) its own embedding, final norm and LM head over the shared vocabulary."""
 
     def __init__(self, config, tower_index):
         super().__init__()
@@ -300,14 +340,36 @@ class NexusDecoderTower(nn.Module):
         self.layers = nn.ModuleList(
             [NexusDecoderLayer(spec, layer, offset + i) for i, layer in enumerate(spec["layers"])]
         )
-        if spec["hidden_size"] != config.hidden_size:
-            self.in_proj = nn.Linear(config.hidden_size, spec["hidden_size"], bias=False)
-            self.out_proj = nn.Linear(spec["hidden_size"], config.hidden_size, bias=False)
+        self.own_vocabulary = spec.get("vocabulary", "shared") == "own"
+        h = spec["hidden_size"]
+        self.vocab_size = config.vocab_size
+        self.vocabulary_ids = spec.get("vocabulary_ids")  # own vocabulary: its rows' shared ids (None: every id)
+        self._id_maps = {}
+        if self.own_vocabulary:  # its own embedding, final norm and head over (part of) the shared vocabulary
+            if self.vocabulary_ids is None:
+                self.embed_tokens = NexusScaledEmbedding(config.vocab_size, h, config.pad_token_id,
+                                                         spec.get("embedding_scale"))
+                self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+            else:  # rows for its ids only, plus a last row every other shared id uses (a zero input; one logit)
+                n = len(self.vocabulary_ids)
+                self.embed_tokens = NexusScaledEmbedding(n + 1, h, n, spec.get("embedding_scale"))
+                self.lm_head = nn.Linear(h, n + 1, bias=False)
+            self.norm = NexusRMSNorm(h, spec["rms_norm_eps"], spec["norm"])
+            self.in_proj = self.out_proj = None
+        elif h != config.hidden_size:
+            self.in_proj = nn.Linear(config.hidden_size, h, bias=False)
+            self.out_proj = nn.Linear(h, config.hidden_size, bias=False)
         else:
             self.in_proj = self.out_proj = None
 
-    def forward(self, hidden_states, ctx, past_key_values=None, collect_hidden=False):
+    def forward(self, hidden_states, ctx, past_key_values=None, collect_hidden=False, input_ids=None):
+        """``hidden_states``: the shared embeddings (B, T, H). A tower with its own vocabulary embeds ``input_ids``
+        itself and returns its final-normed hidden states (B, T, h) for its own head; others return (B, T, H)."""
         hidden = [] if collect_hidden else None
+        if self.own_vocabulary:
+            if input_ids is None:
+                raise ValueError(f"tower {self.name!r} has its own vocabulary: pass input_ids, not inputs_embeds")
+            hidden_states = self.embed_tokens(self._local_ids(input_ids))
         if self.in_proj is not None:
             hidden_states = self.in_proj(hidden_states)
         for layer in self.layers:
@@ -316,7 +378,34 @@ class NexusDecoderTower(nn.Module):
             hidden_states = layer(hidden_states, ctx=ctx, past_key_values=past_key_values)
         if self.out_proj is not None:
             hidden_states = self.out_proj(hidden_states)
+        if self.own_vocabulary:
+            hidden_states = self.norm(hidden_states)
         return hidden_states, hidden
+
+    def _maps(self, device):
+        """(shared id -> own row (absent: the zero row), own row -> shared id) for ``vocabulary_ids``, per device."""
+        if device not in self._id_maps:
+            ids = torch.tensor(self.vocabulary_ids, dtype=torch.long, device=device)
+            local = torch.full((self.vocab_size,), len(self.vocabulary_ids), dtype=torch.long, device=device)
+            local[ids] = torch.arange(len(ids), device=device)
+            self._id_maps[device] = (local, ids)
+        return self._id_maps[device]
+
+    def _local_ids(self, input_ids):
+        return input_ids if self.vocabulary_ids is None else self._maps(input_ids.device)[0][input_ids]
+
+    def logits(self, hidden_states):
+        """Own-vocabulary towers only: (B, T, h) final-normed hidden states -> (B, T, V) logits; every shared id
+        outside ``vocabulary_ids`` gets the logit of the head's last row."""
+        weight = self.lm_head.weight  # fp32 under an fp16 load (_keep_in_fp32_modules)
+        logits = self.lm_head(hidden_states.to(weight.dtype) if weight.dtype.is_floating_point else hidden_states)
+        cap = self.spec.get("final_logit_softcapping")
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        if self.vocabulary_ids is None:
+            return logits
+        full = logits[..., -1:].expand(*logits.shape[:-1], self.vocab_size).contiguous()  # (B, T, V)
+        return full.index_copy(-1, self._maps(logits.device)[1], logits[..., :-1])
 
 
 # ---------------------------------------------------------------------------------------------------------- router
@@ -337,36 +426,47 @@ class NexusPooledRouter(nn.Module):
             pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
         else:
             pooled = x.mean(1)
-        return self.proj(pooled.to(self.proj.weight.dtype))  # (B, n_towers)
+        weight = self.proj.weight  # kept out of quantisation (_keep_in_fp32_modules); never cast to an int8 dtype
+        return self.proj(pooled.to(weight.dtype) if weight.dtype.is_floating_point else pooled)  # (B, n_towers)
 
 
 # ----------------------------------------------------------------------------------------------------------- model
 
 
-class NexusScaledEmbedding(nn.Embedding):
-    """Token embedding times an optional constant (Gemma multiplies by sqrt(hidden) in the weights' dtype)."""
-
-    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, scale=None):
-        super().__init__(num_embeddings, embedding_dim, padding_idx)
-        self.scale = scale
-
-    def forward(self, input_ids):
-        x = super().forward(input_ids)
-        if self.scale is None:
-            return x
-        return x * torch.tensor(self.scale, dtype=self.weight.dtype, device=x.device)
-
-
 @dataclass
 class NexusModelOutput(BaseModelOutputWithPast):
+    """``last_hidden_state`` holds the shared final norm's output for rows routed to shared-vocabulary towers (zeros
+    elsewhere); ``tower_hidden_states[t]`` holds own-vocabulary tower ``t``'s final-normed states when it ran."""
+
     router_logits: torch.FloatTensor | None = None
     tower_index: torch.LongTensor | None = None
+    tower_hidden_states: tuple | None = None
+    towers_run: tuple | None = None  # the tower indices that ran (Python ints)
 
 
 @dataclass
 class NexusCausalLMOutput(CausalLMOutputWithPast):
     router_logits: torch.FloatTensor | None = None
     tower_index: torch.LongTensor | None = None
+
+
+PACKED_4BIT_BLOCK = 32  # bitsandbytes' packed bf16 CPU kernel (AVX512-BF16) needs out_features % 32 == 0 ...
+
+
+def unpack_irregular_4bit(model):
+    """Keep bitsandbytes 4-bit layers that the packed CPU kernel cannot take on the unpacked path, which computes the
+    same NF4 product at any width. The packed kernel needs the output width to be a multiple of 32 and the input width
+    a multiple of the quantisation block (64 by default); a pruned tower's widths are irregular, and it would fail at
+    the first forward ("N must be divisible by block_n", or a reshape error). Returns the names of those layers."""
+    irregular = []
+    for name, module in model.named_modules():  # duck-typed: this folder does not import bitsandbytes
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+        if module.out_features % PACKED_4BIT_BLOCK or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            irregular.append(name)
+    return irregular
 
 
 class NexusPreTrainedModel(PreTrainedModel):
@@ -377,6 +477,17 @@ class NexusPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["NexusDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    # Never quantised (bitsandbytes, torchao: transformers adds these to the quantizer's modules_to_not_convert, matched
+    # as a prefix regex or a suffix of the module name) and kept in fp32 under an fp16 load: the router, whose top-1
+    # pick a 4-bit weight flips, and own-vocabulary towers' LM heads. The shared lm_head is skipped by transformers'
+    # default (the output embeddings) and stays tied to the embedding.
+    _keep_in_fp32_modules = ["model.router", "router.proj", "model.towers.*.lm_head"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        unpack_irregular_4bit(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -413,6 +524,10 @@ class NexusModel(NexusPreTrainedModel):
         )
         router_cls = resolve("router", config.router["type"], "router.type")
         self.router = router_cls(config) if len(config.towers) > 1 else None
+        self.encoders = nn.ModuleList(  # audio (later vision) encoders: their outputs become an input prefix
+            [resolve("encoder", spec.get("type"), f"encoders[{i}].type")(config, i)
+             for i, spec in enumerate(config.encoders)]
+        )
         self.norm = NexusRMSNorm(config.hidden_size, config.final_norm_eps, config.final_norm)
         self.gradient_checkpointing = False
         self.post_init()
@@ -445,6 +560,24 @@ class NexusModel(NexusPreTrainedModel):
             raise ValueError(f"tower index {tower} out of range: this model has {len(self.towers)} tower(s)")
         return int(tower)
 
+    def encoder_index_for(self, encoder=None, modality=None):
+        """Resolve ``encoder`` (index or name; None: the only / first encoder of ``modality``) to an index."""
+        names = [e.name for e in self.encoders]
+        if not names:
+            raise ValueError("this model has no encoders (config.encoders is empty): it takes text only")
+        if encoder is None:
+            fits = [i for i, e in enumerate(self.encoders) if modality is None or e.spec.get("modality") == modality]
+            if not fits:
+                raise ValueError(f"this model has no {modality} encoder; encoders: {names}")
+            return fits[0]
+        if isinstance(encoder, str):
+            if encoder not in names:
+                raise ValueError(f"unknown encoder {encoder!r}; encoders: {names}")
+            return names.index(encoder)
+        if not 0 <= int(encoder) < len(names):
+            raise ValueError(f"encoder index {encoder} out of range: this model has {len(names)} encoder(s)")
+        return int(encoder)
+
     def forward(
         self,
         input_ids=None,
@@ -457,6 +590,8 @@ class NexusModel(NexusPreTrainedModel):
         tower=None,
         capability=None,
         past_key_values=None,
+        input_features=None,
+        encoder=None,
         **kwargs,
     ):
         past_key_values = _one_cache(cache, past_key_values)  # (the name used below, whichever the caller passed)
@@ -471,13 +606,36 @@ class NexusModel(NexusPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if input_features is not None and past_length == 0:  # --- encoder features -> a prefix before the text
+            prefix, _ = self.encoders[self.encoder_index_for(encoder)](input_features)  # (B, P, H)
+            inputs_embeds = torch.cat([prefix.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+            P, T = prefix.shape[1], T + prefix.shape[1]
+            if past_key_values is not None:  # decoding steps need to know where the prefix ends
+                past_key_values.nexus_prefix_length = P
+            if position_ids is not None:  # the caller counted text positions only
+                position_ids = torch.cat([torch.arange(P, device=position_ids.device)[None].expand(B, P),
+                                          position_ids + P], dim=1)
+        if attention_mask is not None and attention_mask.shape[1] < past_length + T:  # a prefix the mask omits
+            missing = past_length + T - attention_mask.shape[1]  # prefix positions are never padding
+            attention_mask = F.pad(attention_mask, (missing, 0), value=1)
+            if position_ids is not None and past_length > 0:
+                position_ids = position_ids + missing
 
-        # --- routing: cached pick (decoding) > caller's pick > router
+        # --- routing: caller's pick > cached pick (decoding) > router. A caller's pick is a Python int, so the towers
+        # to run are known without reading a tensor: a forced (or only) tower compiles with no graph break.
         router_logits = None
-        if past_length > 0 and past_key_values.layers[0].keys is not None and past_key_values.layers[0].keys.numel():
-            routes = past_key_values.layers[0].keys[:, 0, 0, 0].round().long()  # (B,)
-        elif tower is not None or capability is not None:
-            routes = torch.full((B,), self.tower_index_for(tower, capability), device=inputs_embeds.device)
+        forced = None if tower is None and capability is None else self.tower_index_for(tower, capability)
+        kept = past_key_values.layers[0].keys if past_length > 0 else None  # slot 0: the routing record so far
+        cached = kept is not None and kept.numel() > 0
+        if forced is not None:
+            routes = torch.full((B,), forced, dtype=torch.long, device=inputs_embeds.device)
+            if cached and not torch.compiler.is_compiling():  # (eager only: a data-dependent check)
+                before = kept[:, 0, 0, 0].round().long()
+                if not bool((before == forced).all()):
+                    raise ValueError(f"this cache was filled by tower(s) {sorted(set(before.tolist()))}, not the "
+                                     f"forced tower {forced}: force the same tower for the prompt and every step")
+        elif cached:
+            routes = kept[:, 0, 0, 0].round().long()  # (B,)
         elif self.router is None:
             routes = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device)
         else:
@@ -490,28 +648,45 @@ class NexusModel(NexusPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + T, device=inputs_embeds.device)[None].expand(B, T)
         ctx = ForwardContext(attention_mask, position_ids, past_length, T, B, inputs_embeds.device)
+        if input_features is not None and past_length == 0:
+            ctx.prefix_length = P
+        elif past_length > 0:
+            ctx.prefix_length = getattr(past_key_values, "nexus_prefix_length", 0)
 
-        picked = [0] if len(self.towers) == 1 else routes.unique().tolist()
+        if forced is not None or len(self.towers) == 1:
+            picked = [forced or 0]
+        else:  # the router's (or the cache's) picks: data-dependent, a graph break under torch.compile
+            picked = routes.unique().tolist()
+        if input_features is not None and any(self.towers[t].own_vocabulary for t in picked):
+            raise ValueError("an encoder prefix needs a shared-vocabulary tower; the picked tower has its own "
+                             "vocabulary and embeds input_ids itself")
         if output_hidden_states and len(picked) > 1:
             raise ValueError("output_hidden_states needs one tower per batch: pass tower= or capability=")
-        hidden_states, all_hidden = None, None
+        hidden_states, all_hidden, own = None, None, [None] * len(self.towers)
         for t in picked:
             out, all_hidden = self.towers[t](
-                inputs_embeds, ctx, past_key_values, collect_hidden=bool(output_hidden_states)
+                inputs_embeds, ctx, past_key_values, collect_hidden=bool(output_hidden_states), input_ids=input_ids
             )
-            if hidden_states is None:
+            if self.towers[t].own_vocabulary:  # read by its own head (NexusForCausalLM)
+                own[t] = out
+            elif hidden_states is None:
                 hidden_states = out
             else:
                 hidden_states = torch.where((routes == t)[:, None, None], out, hidden_states)
-        hidden_states = self.norm(hidden_states)
+        if hidden_states is None:  # only own-vocabulary towers ran
+            hidden_states = inputs_embeds.new_zeros(B, T, self.config.hidden_size)
+        else:
+            hidden_states = self.norm(hidden_states)
         if output_hidden_states:
-            all_hidden = tuple(all_hidden) + (hidden_states,)
+            all_hidden = tuple(all_hidden) + (own[picked[0]] if own[picked[0]] is not None else hidden_states,)
         return NexusModelOutput(
             last_hidden_state=hidden_states,
             **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden,
             router_logits=router_logits,
             tower_index=routes,
+            tower_hidden_states=tuple(own) if any(o is not None for o in own) else None,
+            towers_run=tuple(picked),
         )
 
 
@@ -555,9 +730,13 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
         capability=None,
         return_dict=None,
         past_key_values=None,
+        input_features=None,
+        encoder=None,
         **kwargs,
     ):
         out = self.model(
+            input_features=input_features,
+            encoder=encoder,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -568,16 +747,29 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
             tower=tower,
             capability=capability,
         )
-        hidden_states = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states)  # (B, T, V)
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+        def keep(h):  # (B, T, *) -> the positions whose logits are wanted
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                return h[:, -logits_to_keep:, :]
+            if isinstance(logits_to_keep, torch.Tensor):
+                return h[:, logits_to_keep, :]
+            return h
+
+        own = out.tower_hidden_states or ()
+        logits = None
+        if not own or any(not self.model.towers[t].own_vocabulary for t in out.towers_run):  # a shared tower ran
+            logits = self.lm_head(keep(out.last_hidden_state))  # (B, T, V)
+            cap = self.config.final_logit_softcapping
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+        for t, h in enumerate(own):
+            if h is None:
+                continue
+            tower_logits = self.model.towers[t].logits(keep(h))  # (B, T, V) from the tower's own head
+            logits = tower_logits if logits is None else torch.where(
+                (out.tower_index == t)[:, None, None], tower_logits.to(logits.dtype), logits)
         loss = None
+        if labels is not None and logits.shape[1] > labels.shape[1] and not logits_to_keep:
+            labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)  # an encoder prefix: no labels
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return NexusCausalLMOutput(
@@ -588,6 +780,13 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
             router_logits=out.router_logits,
             tower_index=out.tower_index,
         )
+
+
+    def transcribe(self, audio, feature_extractor=None, tokenizer=None, processor=None, encoder=None,
+                   max_new_tokens=96, resample=True):
+        """Speech to text through the audio encoder's prefix and the towers; see ``transcribe.py``."""
+        return transcribe_audio(self, audio, feature_extractor, tokenizer, processor, encoder, max_new_tokens,
+                                resample)
 
 
 NexusConfig.register_for_auto_class()

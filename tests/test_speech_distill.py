@@ -1,0 +1,77 @@
+"""The speech student's build, capability-weighted pruning and distillation steps, on a tiny random Whisper."""
+
+import pytest
+import torch
+from test_ctranslate2_whisper import SPECIALS, tiny_whisper
+
+from nexus.conversion.speech_distill import (
+    SpeechExample, distil_speech, spoken_sentences, word_accuracy, word_errors)
+from nexus.conversion.speech_prune import allocate_units, audio_encoder_parameter_count, prune_audio_encoder, speech_unit_scores
+from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids
+
+
+@pytest.fixture()
+def whisper_and_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = SPECIALS + list("abcdefghijklmnopqrstuvwxyz ")
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return tiny_whisper(len(chars)).float(), tokenizer
+
+
+def test_build_prune_distil(whisper_and_tokenizer):
+    whisper, tok = whisper_and_tokenizer
+    student = speech_student_from_whisper(whisper, tok)
+    enc = student.model.encoders[0]
+    feats = torch.randn(1, 80, 16)
+    with torch.no_grad():  # the encoder is Whisper's, copied exactly
+        ours = enc.encode(feats)[0]
+        theirs = whisper.model.encoder(feats).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    prompt = whisper_prompt_ids(tok)
+    assert prompt == [1, 2, 5, 9]
+    labels = torch.tensor([prompt + [12, 13, 0]])
+    scores = speech_unit_scores(enc, whisper, [(feats, labels), (torch.randn(1, 80, 16), labels)])
+    assert [s.shape for s in scores["heads"]] == [torch.Size([2])] * 2
+    assert all(torch.isfinite(s).all() and (s >= 0).all() for s in scores["neurons"])
+    full = audio_encoder_parameter_count(student.config.encoders[0], student.config.hidden_size)
+    keep = allocate_units(enc, scores, int(full * 0.9), hidden_size=student.config.hidden_size)
+    student = prune_audio_encoder(student, keep)
+    n = sum(p.numel() for p in student.model.encoders[0].parameters())
+    assert n <= 0.9 * full
+
+    ex = SpeechExample(features=torch.randn(1, 80, 8), teacher_states=torch.randn(4, 16).half(),
+                       input_ids=torch.tensor(prompt + [12, 13]), topk_values=torch.randn(3, 4).half(),
+                       topk_indices=torch.randint(0, len(tok), (3, 4)), transcript="lm", reference="lm")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    log = distil_speech(student, [ex], steps=2, accumulate=1, progress=None, bf16=False)
+    assert len(log) == 2 and all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in log)
+    after = student.state_dict()
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen
+    assert not torch.equal(after["model.encoders.0.conv1.weight"], before["model.encoders.0.conv1.weight"])
+    assert not torch.equal(after["model.towers.0.layers.1.self_attn.q_proj.weight"],
+                           before["model.towers.0.layers.1.self_attn.q_proj.weight"])
+    enc_only = distil_speech(student, [ex], steps=1, accumulate=1, progress=None, weights=(1.0, 0.0, 0.0), bf16=False)
+    assert enc_only[0]["ce"] == 0.0
+
+
+def test_word_errors_and_accuracy():
+    assert word_errors("The cat, sat.", "the cat sat") == (0, 3)
+    assert word_errors("a b c", "a x c d") == (2, 3)
+    assert word_errors("well-known words", "well known words") == (0, 3)
+    import numpy as np
+    assert word_accuracy(np.array([[1, 4], [0, 6]])) == pytest.approx(0.9)
+    assert word_accuracy(np.array([[9, 3]])) == 0.0  # floored
+
+
+def test_spoken_sentences_are_plain_and_disjoint():
+    text = "Hello there my good friend. Use foo_bar() now please ok. Numbers like 42 are out here too.\n" \
+           "Another plain sentence is right here today."
+    first = spoken_sentences(text, 10, min_words=3)
+    assert "Hello there my good friend." in first and not any("_" in s or "42" in s for s in first)
+    second = spoken_sentences(text, 10, min_words=3, exclude=first)
+    assert not set(first) & set(second)

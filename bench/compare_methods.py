@@ -231,6 +231,8 @@ def base_raw_recipe(teachers: dict, run_dir: Path, scale: str, steps: int) -> di
         raw = demo_recipe(teachers, run_dir, max_items=DEMO_SCALES[demo_scale]["profile"]["max_items"],
                           scale=demo_scale)
     raw["name"] = "compare"
+    for stage, update in SCALES[scale].get("overrides", {}).items():  # e.g. the size sweep's budget per point
+        raw["stages"][stage] = merge(raw["stages"].get(stage, {}), update)
     raw["stages"]["distill"]["steps"] = steps
     raw["stages"]["distill"]["checkpoint_every"] = max(1, min(raw["stages"]["distill"]["checkpoint_every"], steps))
     raw["stages"]["validate"]["cka"] = False

@@ -14,7 +14,7 @@ def main():
 
 @app.command("import")
 def import_cmd(
-    src: str = typer.Argument(..., help="teacher: an HF folder of safetensors, or a .gguf file"),
+    src: str = typer.Argument(..., help="teacher: an HF folder of safetensors, a .gguf file, or a CTranslate2 Whisper folder (-> HF Whisper)"),
     out: str = typer.Argument(..., help="output folder for the one-tower Nexus checkpoint"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow loading .bin/.pt pickle weights"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the teacher's remote code"),
@@ -26,7 +26,7 @@ def import_cmd(
 
     with clean_errors():
         path = import_teacher(src, out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                              overwrite=overwrite, cache_root=cache_root)
+                              overwrite=overwrite, cache_root=cache_root, on_note=lambda n: typer.echo(f"note: {n}"))
     typer.echo(f"wrote {path}")
 
 
@@ -51,6 +51,12 @@ from .push_command import push  # noqa: E402
 app.command("push")(push)
 from .stages_command import stages  # noqa: E402
 app.command("stages")(stages)
+from .plan_command import plan  # noqa: E402
+app.command("plan")(plan)
+from .remove_capability_command import remove_capability  # noqa: E402
+app.command("remove-capability")(remove_capability)
+from .add_teacher_command import add_teacher  # noqa: E402
+app.command("add-teacher")(add_teacher)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """`nexus demo`: the embedded default on bundled data (see `nexus.conversion.demo`)."""
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 
 from .errors import clean_errors
 from .gate_exit import exit_if_gate_failed
+from .interrupt_exit import resumable, resume_line
 
 
 def demo(
@@ -19,8 +22,14 @@ def demo(
 
     Exit codes as `nexus validate`: 0 = the gate passed, 2 = bad input, 3 = the gate failed (failing capabilities last).
     """
-    from .conversion.demo import run_demo
+    console = Console()
+    console.print("nexus demo: starting (importing torch and transformers)", highlight=False)
+    resume = ["demo", "--out", str(Path(out).absolute()), "--scale", scale]
+    resume += (["--teachers", str(Path(teachers).absolute())] if teachers else []) + (["--quiet"] if quiet else [])
+    with resumable(resume), clean_errors():
+        from .conversion.demo import run_demo
+        from .conversion.run_lock import run_lock
 
-    with clean_errors():
-        summary = run_demo(out, teachers_dir=teachers, console=Console(), show_progress=not quiet, scale=scale)
+        with run_lock(Path(out).resolve() / "demo", command=resume_line(resume)):
+            summary = run_demo(out, teachers_dir=teachers, console=console, show_progress=not quiet, scale=scale)
     exit_if_gate_failed(summary["gate"])

@@ -1,0 +1,196 @@
+"""Retention against student size (issue 16, item 4): Gemma-3-270M + the arithmetic and code specialists folded at
+several fractions of the tower teachers' parameters, NEXUS and the baselines on the same items.
+
+    python bench/size_sweep.py                                  # every point, NEXUS and the baselines
+    python bench/size_sweep.py --points 0.25 --methods nexus    # one arm
+    python bench/size_sweep.py --plot-only                      # re-read the JSON, redraw the plot
+
+Each point is `bench/compare_methods.py` on `recipes/size_sweep.yaml` with that point's ``budget_fraction`` and
+``keep_top_tokens`` (POINTS below: how many of Gemma's most frequent tokens the trimmed vocabulary keeps beyond the
+training text; smaller students keep fewer, since every token costs a row of the shared embedding and of each
+own-vocabulary tower). Methods are compare_methods' variants: ``nexus`` and the baselines (a) ``random_init_kd``,
+(b) ``magnitude_kd``, (c) ``minitron_kd``, (d) ``weight_pca_kd``, (f) ``fusellm_dense_kd``; (e) mergekit is recorded
+as not applicable (no two of these teachers share an architecture). All share the point's budget, the distill
+options (steps, batch, rows: the token budget is recorded per run) and the validate items.
+
+Beside prose, code and arithmetic, every student is scored on **general text** that no training source holds
+(Debian's license texts, `heldout_text.py`), against Gemma-3-270M, paired item by item: what consolidation costs
+outside the capability corpora.
+
+Writes one JSON per point and method under ``bench/results/size_sweep/<point>/`` (compare_methods' format, plus
+``general_text``), the summary ``bench/results/size_sweep.json`` and the plot ``bench/RESULTS_size_sweep.png``
+(retention vs parameters: the minimum over the three capabilities per method, and NEXUS per capability, with 95%
+CIs). A finished (point, method) is reused unless ``--force``; stage folders under ``bench/out/size-sweep-runs/``.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare_methods  # noqa: E402
+from heldout_text import general_text_retention  # noqa: E402
+from paths import ARTEFACTS, RESULTS  # noqa: E402
+
+from nexus.conversion.atomic_output import atomic_file  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE / "recipes" / "size_sweep.yaml"
+OUT = RESULTS / "size_sweep"
+SUMMARY = RESULTS / "size_sweep.json"
+PLOT = HERE / "RESULTS_size_sweep.png"
+RUNS = ARTEFACTS / "size-sweep-runs"
+BASE_TEACHER = "gemma-3-270m"
+CAPABILITIES = ("prose", "code", "arithmetic")
+METHODS = ("nexus", "random_init_kd", "magnitude_kd", "minitron_kd", "weight_pca_kd", "fusellm_dense_kd")
+# point (fraction of the tower teachers' parameters) -> student build overrides and distill steps
+POINTS = {
+    0.5: {"student_build": {"budget_fraction": 0.5, "keep_top_tokens": 40000}, "steps": 100},
+    0.25: {"student_build": {"budget_fraction": 0.25, "keep_top_tokens": 16000}, "steps": 100},
+    0.1: {"student_build": {"budget_fraction": 0.1, "keep_top_tokens": 0}, "steps": 100},
+}
+
+
+def scale_name(point):
+    return f"sweep-{point:g}"
+
+
+def register_point(point, steps):
+    compare_methods.SCALES[scale_name(point)] = {
+        "recipe": RECIPE, "steps": steps, "out": OUT / f"{point:g}", "runs": RUNS / f"{point:g}",
+        "groups": ("nexus", "baseline"), "overrides": {"student_build": POINTS[point]["student_build"]}}
+
+
+def add_general_text(point, method, force=False):
+    """Score the (point, method) student on general text (once) and store it in its JSON."""
+    path = OUT / f"{point:g}" / f"{method}.json"
+    record = json.loads(path.read_text())
+    if record.get("status") != "done" or (record.get("general_text") and not force):
+        return record
+    from nexus.conversion.recipe import validate_recipe
+
+    raw = compare_methods.recipe_file_raw(RECIPE, RUNS / f"{point:g}")
+    teacher = compare_methods.recipe_teacher_folders(validate_recipe(raw, base_dir=RUNS))[BASE_TEACHER]
+    record["general_text"] = general_text_retention(record["paths"]["student"], teacher, scratch=RUNS)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, allow_nan=False))
+    return record
+
+
+def summary():
+    """{point: {method: figures}} from every per-point JSON on disk."""
+    out = {}
+    for folder in sorted(OUT.glob("*"), key=lambda p: float(p.name)):
+        for path in sorted(folder.glob("*.json")):
+            r = json.loads(path.read_text())
+            entry = {"status": r.get("status"), "reason": r.get("reason")}
+            if r.get("status") == "done":
+                g = r.get("general_text")
+                entry.update({
+                    "params": r["params"]["student"], "params_ratio": r["params"]["ratio"],
+                    "budget": r["params"]["budget"], "budget_source": r["params"]["budget_source"],
+                    "retention": {c: {"value": e["value"], "ci": e["ci"], "metric": e["metric"]}
+                                  for c, e in r["retention"].items()},
+                    "min": r["min"], "mean": r["mean"],
+                    "general_text": ({"value": g["retention"], "ci": g["retention_ci"], "items": g["items"],
+                                      "student_bpb": g["student_bpb"], "teacher_bpb": g["teacher_bpb"]}
+                                     if g else None),
+                    "train": {k: r["train"][k] for k in ("steps", "tokens", "wall_seconds")},
+                    "router_accuracy": r.get("router_accuracy")})
+            out.setdefault(folder.name, {})[r["variant"]] = entry
+    return out
+
+
+def plot(data, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = dict(zip(METHODS, "os^vDP"))
+    for method in METHODS:
+        pts = [(e["params_ratio"], e["min"]["value"], e["min"]["ci"]) for p in data.values()
+               for m, e in p.items() if m == method and e["status"] == "done"]
+        if not pts:
+            continue
+        pts.sort()
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        err = [[max(0.0, p[1] - p[2][0]) for p in pts], [max(0.0, p[2][1] - p[1]) for p in pts]]
+        left.errorbar(x, y, yerr=err, marker=markers[method], capsize=3, label=method)
+    left.set(xlabel="student parameters / teachers' parameters", ylabel="minimum retention (prose, code, arithmetic)",
+             title="minimum retention vs size (95% CI)", ylim=(-0.05, 1.1))
+    left.axhline(0, color="grey", lw=0.5)
+    left.legend(fontsize=8)
+    for cap in CAPABILITIES + ("general_text",):
+        pts = []
+        for p in data.values():
+            e = p.get("nexus")
+            if not e or e["status"] != "done":
+                continue
+            r = e["general_text"] if cap == "general_text" else e["retention"].get(cap)
+            if r:
+                pts.append((e["params_ratio"], r["value"], r["ci"]))
+        if pts:
+            pts.sort()
+            right.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                           yerr=[[max(0.0, p[1] - p[2][0]) for p in pts], [max(0.0, p[2][1] - p[1]) for p in pts]],
+                           marker="o", capsize=3, label=cap.replace("_", " "))
+    right.set(xlabel="student parameters / teachers' parameters", ylabel="retention vs the best teacher",
+              title="NEXUS per capability (95% CI)", ylim=(-0.05, 1.1))
+    right.axhline(0, color="grey", lw=0.5)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--points", type=float, nargs="+", default=list(POINTS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--steps", type=int, default=None, help="distill steps at every point (default: POINTS)")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    unknown = [p for p in args.points if p not in POINTS]
+    if unknown:
+        raise SystemExit(f"error: --points {unknown}: not in {list(POINTS)} (add a row to POINTS)")
+    if not args.plot_only:
+        from rich.console import Console
+
+        for point in args.points:
+            steps = args.steps or POINTS[point]["steps"]
+            register_point(point, steps)
+            compare_methods.run_comparison(scale_name(point), only=args.methods, force=args.force, steps=steps,
+                                           console=Console(width=200), show_progress=not args.no_progress)
+            for method in args.methods:
+                if (OUT / f"{point:g}" / f"{method}.json").is_file():
+                    add_general_text(point, method, force=args.force)
+    data = summary()
+    with atomic_file(SUMMARY) as tmp:
+        tmp.write_text(json.dumps({"schema": "nexus.bench.size_sweep/1", "points": data}, indent=1, allow_nan=False))
+    plot(data, PLOT)
+    for point, methods in data.items():
+        for method, e in methods.items():
+            if e["status"] != "done":
+                print(f"{point} {method}: {e['status']}")
+                continue
+            g = e["general_text"]
+            print(f"{point} {method}: {e['params']:,} params ({e['params_ratio']:.3f}); "
+                  + ", ".join(f"{c} {r['value']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+                              for c, r in e["retention"].items())
+                  + f"; min {e['min']['value']:.3f}"
+                  + (f"; general text {g['value']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]" if g else "")
+                  + f"; {e['train']['tokens']:,} train tokens")
+    print(f"wrote {SUMMARY} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()

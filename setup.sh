@@ -13,7 +13,8 @@ if ! python -m pip install --quiet --no-deps --retries 1 --timeout 20 "torch==2.
   echo "no torch 2.13.0+cpu wheel for this platform; installing torch==2.13.0 from $torch_cpu_index or pip's index"
   python -m pip install --quiet --no-deps --retries 1 --timeout 20 "torch==2.13.0" --extra-index-url "$torch_cpu_index"
 fi
-python -m pip install --quiet "torch==$(python -c 'import torch; print(torch.__version__)')"  # torch's dependencies
+# torch's dependencies, for the wheel just installed (read from its metadata: torch cannot be imported before them)
+python -m pip install --quiet "torch==$(python -c 'import importlib.metadata as m; print(m.version("torch"))')"
 python -c "import torch; print(f'torch {torch.__version__}: the CPU wheel is installed' if torch.version.cuda is None else f'torch {torch.__version__}: a CUDA {torch.version.cuda} build is installed, not the CPU wheel')"
 python -m pip install --quiet -e ".[test]"
 # The newest transformers the requirement allows, even where an older one is already installed: a stale environment

@@ -49,6 +49,11 @@ def test_validate_reports_local_lm_eval_tasks_for_the_student_and_each_teacher(p
     assert table["models"]["student"]["score"] == pytest.approx(table["models"]["llama_char"]["score"])
     written = json.loads((tmp_path / "runs" / "lmeval" / "validate" / "report.json").read_text())
     assert written["lm_eval"]["tiny_sum"]["models"]["qwen_bpe"]["ci"] == table["models"]["qwen_bpe"]["ci"]
+    markdown = (tmp_path / "runs" / "lmeval" / "validate" / "report.md").read_text()
+    entry = table["models"]["qwen_bpe"]
+    assert "## lm-eval tasks" in markdown
+    assert f"| tiny_sum | acc ↑ | qwen_bpe | {entry['score']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}] |" \
+        in markdown
 
 
 def test_a_task_that_would_download_is_refused_before_scoring(profile_teachers, tmp_path):

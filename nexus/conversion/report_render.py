@@ -212,6 +212,8 @@ def report_markdown(report, figures=None):
         parts += ["Retention of each phase's checkpoint:", "", _table(header, rows), ""]
         if "interference" in figures:
             parts += [f"![interference]({figures['interference']})", ""]
+    if report.get("lm_eval"):
+        parts += lm_eval_section(report["lm_eval"])
     for key, title in (("feature_map", "Feature map (localiser confidence)"), ("lmc", "LMC path")):
         if key in figures:
             parts += [f"## {title}", "", f"![{key}]({figures[key]})", ""]
@@ -220,6 +222,18 @@ def report_markdown(report, figures=None):
     if report.get("notes"):
         parts += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(parts)
+
+
+def lm_eval_section(tasks):
+    """The report's lm-eval tasks as Markdown: one row per task and model, score with its CI and stderr."""
+    rows = []
+    for task, t in tasks.items():
+        for name, e in t["models"].items():
+            rows.append([task, t["metric"] + " " + _arrow(not t["higher_is_better"]), name,
+                         f"{fmt(e.get('score'))} {fmt_ci(e.get('ci'))}", fmt(e.get("stderr")), e.get("n", t["n"])])
+    note = next(iter(tasks.values()))["ci"]
+    return ["## lm-eval tasks", "", f"Local lm-eval tasks through HFLM ({note}).", "",
+            _table(["task", "metric", "model", "score [95% CI]", "stderr", "n"], rows), ""]
 
 
 # ---------------------------------------------------------------- figures

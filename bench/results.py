@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py, also when a test loads this by file path
 from paths import RESULTS  # noqa: E402
+import size_sweep_section as size_sweep_md  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CAPS_ORDER = ("prose", "code", "arithmetic")
@@ -463,9 +464,30 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
                       *renderer(json.loads(path.read_text()))]
         else:
             parts += [f"`{path.name}` not found in `{out_dir}`: not measured yet."]
+    parts += ["", size_sweep_md.TITLE, "", *sweep_lines(Path(out_dir))]
     text = "\n".join(parts) + "\n"
     from nexus.conversion.atomic_output import atomic_file
 
+    with atomic_file(md_path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return text
+
+
+def sweep_lines(out_dir: Path) -> list:
+    return size_sweep_md.size_sweep_section(out_dir / "size_sweep", load_compare, paired_delta, verdict, fmt_ci,
+                                            md_table, png_name="RESULTS_size_sweep.png")
+
+
+def replace_section(md_path: Path, title: str, lines: list) -> str:
+    """Rewrite one ``## `` section of an existing RESULTS.md (appended when absent), leaving the others as they are:
+    the sections whose JSON is not on this machine are not wiped by a re-render of one."""
+    from nexus.conversion.atomic_output import atomic_file
+
+    old = md_path.read_text(encoding="utf-8").rstrip("\n").split("\n") if md_path.is_file() else []
+    start = old.index(title) if title in old else len(old)
+    end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+    text = "\n".join(old[:start] + ([""] if start == len(old) else []) + [title, ""] + lines
+                     + ([""] + old[end:] if end < len(old) else [])) + "\n"
     with atomic_file(md_path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return text
@@ -480,7 +502,13 @@ def main(argv=None):
                         help="where the other benches' result JSON are (--out-dir: the old name)")
     parser.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
+    parser.add_argument("--only-size-sweep", action="store_true",
+                        help="rewrite only the size-sweep section of --md (the other sections' JSON may be elsewhere)")
     args = parser.parse_args(argv)
+    if args.only_size_sweep:
+        text = replace_section(args.md, size_sweep_md.TITLE, sweep_lines(args.out_dir))
+        print(text)
+        return text
     png = args.png or args.md.with_name("RESULTS_retention.png")
     text = render(args.compare_dir, args.out_dir, args.md, png, args.gemma_dir,
                   png.with_name(png.stem + "_gemma" + png.suffix))

@@ -149,3 +149,29 @@ def test_a_method_that_cannot_meet_the_budget_is_recorded_as_not_feasible(compar
     text = _load("results").main(["--compare-dir", str(out), "--out-dir", str(tmp_path), "--md",
                                   str(tmp_path / "R.md"), "--gemma-dir", str(tmp_path / "none")])
     assert "not feasible" in text and "smallest model this allocation can build" in text
+
+
+def test_only_the_size_sweep_section_is_rewritten_from_its_json(compared, tmp_path):
+    _, root, _, _ = compared
+    results = _load("results")
+    point = tmp_path / "results" / "size_sweep" / "0.25"
+    point.mkdir(parents=True)
+    for name in RUN:
+        (point / f"{name}.json").write_text((root / "compare" / f"{name}.json").read_text())
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n\n## 5. Size sweep: old\n\nold rows\n")
+    title = results.size_sweep_md.TITLE
+    md.write_text(md.read_text().replace("## 5. Size sweep: old", title))
+    results.main(["--only-size-sweep", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    text = md.read_text()
+    assert "## 1. Kept\n\nkept text\n" in text and "old rows" not in text and text.count(title) == 1
+    nexus = _record(root, "nexus")
+    row = next(line for line in text.splitlines() if line.startswith("| 0.25 | nexus |"))
+    assert f"{nexus['params']['student']:,}" in row and results.fmt_ci(nexus["min"]) in row
+    assert "| 0.25 | min ≥ 0.92 | " + results.fmt_ci(nexus["min"]) + " |" in text  # the goal at that point, with the measured minimum
+    delta = results.paired_delta(_record(root, "fusellm_dense_kd"), nexus)
+    assert f"| 0.25 | fusellm_dense_kd | {results.fmt_ci(delta['min'], signed=True)} |" in text
+    # a second section appended when absent, the first kept
+    md.write_text("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n")
+    results.main(["--only-size-sweep", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    assert md.read_text().startswith("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n\n" + title)

@@ -1,0 +1,76 @@
+"""The RESULTS.md section of the size sweep (issue 16), rendered from the committed JSON alone.
+
+Reads ``bench/results/size_sweep/<point>/<method>.json`` (compare_methods' format, with ``general_text``): one row
+per point and method (parameters, training tokens, retention per capability with CIs, minimum, general text), the
+paired difference of each baseline's minimum from NEXUS's at the same point (same items, same resamples), and the
+issue's goals with the measured figure beside each.
+
+    python bench/results.py --only-size-sweep     # rewrite this section of bench/RESULTS.md in place
+"""
+
+from pathlib import Path
+
+TITLE = "## 5. Size sweep: Gemma-3-270M + the arithmetic and code specialists"
+CAPABILITIES = ("prose", "code", "arithmetic")
+# issue 16's goals: point -> (minimum over the three capabilities, general text or None)
+GOALS = {"0.5": (0.97, 0.90), "0.25": (0.92, None)}
+TOKEN_FLOOR = 1_000_000  # student training tokens at the two larger points
+
+
+def _points(folder):
+    return sorted((p for p in Path(folder).glob("*") if p.is_dir()), key=lambda p: float(p.name))
+
+
+def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, png_name=None) -> list:
+    """The section's lines (title excluded); the helpers are results.py's, passed in so there is one of each."""
+    points = _points(folder)
+    if not points:
+        return [f"No size-sweep JSON in `{folder}`: run `python bench/size_sweep.py`."]
+    rows, deltas, goals, missing = [], [], [], []
+    for point in points:
+        records = load_compare(point)
+        nexus = records.get("nexus") if records.get("nexus", {}).get("status") == "done" else None
+        for name, r in records.items():
+            if r.get("status") != "done":
+                missing.append(f"{point.name} {name}: {r.get('status')} ({r.get('reason', '')})")
+                continue
+            g = r.get("general_text")
+            general = {"value": g["retention"], "ci": g["retention_ci"]} if g else None
+            rows.append([point.name, name, f"{r['params']['student']:,} ({r['params']['ratio']:.3f})",
+                         f"{r['train']['tokens']:,} ({r['train']['steps']} steps)",
+                         *[fmt_ci(r["retention"].get(c)) for c in CAPABILITIES], fmt_ci(r["min"]),
+                         fmt_ci(general) if general else "not scored"])
+            if nexus is not None and name != "nexus":
+                d = paired_delta(r, nexus)
+                deltas.append([point.name, name, fmt_ci(d and d["min"], signed=True), verdict(d and d["min"])])
+        if nexus is not None and point.name in GOALS:
+            floor, general_floor = GOALS[point.name]
+            m = nexus["min"]
+            goals.append([point.name, f"min ≥ {floor}", fmt_ci(m), "met" if m["value"] >= floor else "**missed**"])
+            tokens = nexus["train"]["tokens"]
+            goals.append([point.name, f"train tokens ≥ {TOKEN_FLOOR:,}", f"{tokens:,}",
+                          "met" if tokens >= TOKEN_FLOOR else "**missed**"])
+            g = nexus.get("general_text")
+            if general_floor is not None and g:
+                goals.append([point.name, f"general text ≥ {general_floor}",
+                              fmt_ci({"value": g["retention"], "ci": g["retention_ci"]}),
+                              "met" if g["retention"] >= general_floor else "**missed**"])
+    out = ["Generated from `bench/results/size_sweep/<point>/<method>.json` (`python bench/size_sweep.py`). Point = "
+           "the student's budget as a fraction of the tower teachers' summed parameters; retention vs each "
+           "capability's best teacher with paired bootstrap 95% CIs; general text = Debian's license texts, held out "
+           "from every training source, scored against Gemma-3-270M (bits per byte).", "",
+           md_table(["point", "method", "params (ratio)", "train tokens", *CAPABILITIES, "min", "general text"], rows)]
+    if png_name:
+        out += ["", f"![size sweep]({png_name})"]
+    if deltas:
+        out += ["", "Baseline minus NEXUS, minimum retention, same items and resamples:", "",
+                md_table(["point", "method", "Δ min vs NEXUS [95% CI]", "verdict"], deltas)]
+    if goals:
+        out += ["", "Issue 16's goals:", "", md_table(["point", "goal", "NEXUS", ""], goals)]
+    measured = {(p.name, n) for p in points for n, r in load_compare(p).items() if r.get("status") == "done"}
+    import size_sweep
+
+    not_run = [f"{p:g} {m}" for p in size_sweep.POINTS for m in size_sweep.METHODS if (f"{p:g}", m) not in measured]
+    if not_run or missing:
+        out += ["", "Not measured yet: " + ", ".join(not_run + missing) + "."]
+    return out

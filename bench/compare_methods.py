@@ -89,6 +89,7 @@ class Variant:
     method: str
     student_build: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
+    localise: bool = False  # run the localise stage first and hand its feature map to the student build
     not_run: str | None = None  # "not_applicable" | "not_a_switch" (then `reason` says why)
     reason: str | None = None
     same_as: str | None = None  # an identical run under another name
@@ -149,11 +150,11 @@ for _v in (
             student_build={"embedding_init": "random"}),
     Variant("no_localisation", "ablation", "localisation off",
             "", not_run="not_a_switch",
-            reason="nothing to switch off: the demo pipeline does not run the localise stage and student_build "
-                   "compresses each tower without a feature map (`_compress_tower` calls `compress_model` with no "
-                   "feature_map), so NEXUS as measured here already runs without localisation. The compress "
-                   "stage's capability scorer can use a feature map; bench/compress_real.py measures that on "
-                   "Gemma-3-270M (compress_real.json vs compress_real.no_feature_map.json)."),
+            reason="nothing to switch off: NEXUS's default pipeline does not run the localise stage (it is optional "
+                   "until it is measured to pay), so NEXUS as measured here already runs without localisation. "
+                   "Switching it ON is measured instead: the rows 'localisation ON' (the student build keeps the "
+                   "units the localiser found causally necessary, critical_units.py) and 'preservation ON, critical "
+                   "units' (distillation also protects exactly those units)."),
     Variant("preservation_on", "ablation", "preservation ON (lr_scale 0.9; off in the demo recipe)",
             "in-process preservation switched on: per-element learning rate x (1 - 0.9 x Taylor importance rank)",
             distill={"preservation": {"mode": "lr_scale", "strength": 0.9}}),
@@ -173,6 +174,14 @@ for _v in (
     Variant("no_lmc", "ablation", "LMC off",
             "the distilled end point as it is (no walk along init -> distilled for the best alpha)",
             distill={"lmc": False}),
+    Variant("localisation_on", "ablation", "localisation ON (critical units kept by the student build)",
+            "the localise stage runs after profile; each tower's compression adds the feature map's importance "
+            "terms and keeps the heads and neurons whose selection beat random units in the causal check",
+            localise=True),
+    Variant("preservation_critical", "ablation", "localisation + preservation ON on exactly the critical units",
+            "as 'localisation ON', and distillation scales the learning rate of exactly the critical units' "
+            "rows/columns by 1 - 0.9 (preservation importance: critical)",
+            localise=True, distill={"preservation": {"mode": "lr_scale", "strength": 0.9, "importance": "critical"}}),
 ):
     register_variant(_v)
 
@@ -376,9 +385,17 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
     recipe = variant_recipe(base_raw, variant, run_dir)
     vdir = recipe.run_path / "variants" / variant.name
     memory = StageMemory(recipe, console)
+    feature_map = None
+    if variant.localise:  # one feature map per run folder, shared by every variant that asks for it
+        from nexus.conversion.localise import run_localise
+
+        memory.before("localise", profile=profile)
+        fm = run_localise(recipe, console=console, show_progress=show_progress)
+        memory.after("localise", fm["_reused"])
+        feature_map = Path(fm["_path"]) / "feature_map.json"
     memory.before("student_build", profile=profile)
     init, build = run_student_build(recipe, profile, out=vdir / "student_build", console=console,
-                                    show_progress=show_progress, force=force)
+                                    show_progress=show_progress, force=force, feature_map=feature_map)
     memory.after("student_build", build["reused"])
     if build["params"] > build["budget"]["params"]:  # student_build refuses this; checked again for the table
         raise RuntimeError(f"{variant.name}: {build['params']} params over the budget {build['budget']['params']}")
@@ -427,7 +444,8 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
 def write_variant_json(out_dir: Path, variant: Variant, order: int, scale: str, body: dict) -> Path:
     record = {"schema": SCHEMA, "variant": variant.name, "order": order, "group": variant.group,
               "label": variant.label, "method": variant.method,
-              "switches": {"student_build": variant.student_build, "distill": variant.distill},
+              "switches": {"student_build": variant.student_build, "distill": variant.distill,
+                           **({"pipeline": "localise before student_build"} if variant.localise else {})},
               "scale": scale, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.machine(), **body}
     path = Path(out_dir) / f"{variant.name}.json"
@@ -479,6 +497,7 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
                    steps=None, console=None, show_progress=True) -> dict:
     """Run every variant (or ``only`` those) and write one JSON each; returns {name: record body}."""
     from nexus.conversion.budget import BudgetError
+    from nexus.conversion.distill import DistillError
     from nexus.conversion.profile import run_profile
     from nexus.conversion.recipe import validate_recipe
 
@@ -522,11 +541,12 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
         console.rule(f"[bold]{name}: {variant.label}")
         try:
             body = run_variant(variant, base_raw, run_dir, profile, scale, console, show_progress, force)
-        except BudgetError as exc:  # the method cannot build a student this small from these teachers: say so
-            body = {"status": "not_feasible", "reason": f"the student build refused the budget: {exc}"}
+        except (BudgetError, DistillError) as exc:  # the method cannot run on these teachers at this budget: say so
+            what = "the student build refused the budget" if isinstance(exc, BudgetError) else "distill refused"
+            body = {"status": "not_feasible", "reason": f"{what}: {exc}"}
             write_variant_json(out, variant, order, scale, body)
             results[name] = body
-            console.print(f"[yellow]{name}: not feasible at this budget: {exc}[/]")
+            console.print(f"[yellow]{name}: not feasible: {exc}[/]")
             continue
         write_variant_json(out, variant, order, scale, body)
         results[name] = body

@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py, also when a test loads this by file path
 from paths import RESULTS  # noqa: E402
+import ablation_section as ablation_md  # noqa: E402
+import claims_section as claims_md  # noqa: E402
 import size_sweep_section as size_sweep_md  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -465,6 +467,8 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
         else:
             parts += [f"`{path.name}` not found in `{out_dir}`: not measured yet."]
     parts += ["", size_sweep_md.TITLE, "", *sweep_lines(Path(out_dir))]
+    parts += ["", claims_md.TITLE, "", *claims_lines(Path(out_dir))]
+    parts += ["", ablation_md.TITLE_LOCALISATION, "", *localisation_lines(Path(out_dir))]
     text = "\n".join(parts) + "\n"
     from nexus.conversion.atomic_output import atomic_file
 
@@ -476,6 +480,15 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
 def sweep_lines(out_dir: Path) -> list:
     return size_sweep_md.size_sweep_section(out_dir / "size_sweep", load_compare, paired_delta, verdict, fmt_ci,
                                             md_table, png_name="RESULTS_size_sweep.png")
+
+
+def claims_lines(out_dir: Path) -> list:
+    return claims_md.claims_section(out_dir / "size_sweep", load_compare, paired_delta, fmt_ci, md_table)
+
+
+def localisation_lines(out_dir: Path) -> list:
+    return ablation_md.localisation_section(out_dir / "compare-localisation", load_compare, paired_delta, verdict,
+                                            fmt_ci, md_table)
 
 
 def replace_section(md_path: Path, title: str, lines: list) -> str:
@@ -502,11 +515,14 @@ def main(argv=None):
                         help="where the other benches' result JSON are (--out-dir: the old name)")
     parser.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
-    parser.add_argument("--only-size-sweep", action="store_true",
-                        help="rewrite only the size-sweep section of --md (the other sections' JSON may be elsewhere)")
+    parser.add_argument("--committed-sections", action="store_true",
+                        help="rewrite only §5 (size sweep), §6 (claims) and §7 (localisation), the sections whose JSON is "
+                             "committed, in --md (the other sections' JSON may not be on this machine)")
     args = parser.parse_args(argv)
-    if args.only_size_sweep:
-        text = replace_section(args.md, size_sweep_md.TITLE, sweep_lines(args.out_dir))
+    if args.committed_sections:
+        replace_section(args.md, size_sweep_md.TITLE, sweep_lines(args.out_dir))
+        replace_section(args.md, claims_md.TITLE, claims_lines(args.out_dir))
+        text = replace_section(args.md, ablation_md.TITLE_LOCALISATION, localisation_lines(args.out_dir))
         print(text)
         return text
     png = args.png or args.md.with_name("RESULTS_retention.png")

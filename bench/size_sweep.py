@@ -44,6 +44,10 @@ RUNS = ARTEFACTS / "size-sweep-runs"
 BASE_TEACHER = "gemma-3-270m"
 CAPABILITIES = ("prose", "code", "arithmetic")
 METHODS = ("nexus", "random_init_kd", "magnitude_kd", "minitron_kd", "weight_pca_kd", "fusellm_dense_kd")
+# issue 17, item 5: one NIWT part switched at a time against NEXUS at the same point (compare_methods' ablations;
+# the ones that are not a switch in the pipeline are recorded with the reason)
+ABLATIONS = ("no_dynamic_allocation", "no_teacher_embedding", "preservation_on", "no_lmc", "no_localisation",
+             "no_ot_alignment", "no_manifold")
 # point (fraction of the tower teachers' parameters) -> student build overrides and distill steps
 POINTS = {
     0.5: {"student_build": {"budget_fraction": 0.5, "keep_top_tokens": 40000}, "steps": 100},
@@ -59,7 +63,7 @@ def scale_name(point):
 def register_point(point, steps):
     compare_methods.SCALES[scale_name(point)] = {
         "recipe": RECIPE, "steps": steps, "out": OUT / f"{point:g}", "runs": RUNS / f"{point:g}",
-        "groups": ("nexus", "baseline"), "overrides": {"student_build": POINTS[point]["student_build"]}}
+        "groups": ("nexus", "baseline", "ablation"), "overrides": {"student_build": POINTS[point]["student_build"]}}
 
 
 def add_general_text(point, method, force=False):
@@ -110,7 +114,7 @@ def plot(data, path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     markers = dict(zip(METHODS, "os^vDP"))
-    for method in METHODS:
+    for method in METHODS:  # the ablations are a table, not lines on this plot
         pts = [(e["params_ratio"], e["min"]["value"], e["min"]["ci"]) for p in data.values()
                for m, e in p.items() if m == method and e["status"] == "done"]
         if not pts:
@@ -153,7 +157,9 @@ def plot(data, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--points", type=float, nargs="+", default=list(POINTS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ABLATIONS,
+                        help="compare_methods variants: the baselines (default: all of them) or the ablations "
+                             f"({', '.join(ABLATIONS)})")
     parser.add_argument("--steps", type=int, default=None, help="distill steps at every point (default: POINTS)")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--plot-only", action="store_true")

@@ -5,10 +5,12 @@ per point and method (parameters, training tokens, retention per capability with
 paired difference of each baseline's minimum from NEXUS's at the same point (same items, same resamples), and the
 issue's goals with the measured figure beside each.
 
-    python bench/results.py --only-size-sweep     # rewrite this section of bench/RESULTS.md in place
+    python bench/results.py --committed-sections    # rewrites §5-§7 of bench/RESULTS.md in place
 """
 
 from pathlib import Path
+
+from ablation_section import ablation_lines, ablation_rows
 
 TITLE = "## 5. Size sweep: Gemma-3-270M + the arithmetic and code specialists"
 CAPABILITIES = ("prose", "code", "arithmetic")
@@ -26,11 +28,13 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
     points = _points(folder)
     if not points:
         return [f"No size-sweep JSON in `{folder}`: run `python bench/size_sweep.py`."]
-    rows, deltas, goals, missing = [], [], [], []
+    rows, deltas, goals, missing, ablations, ablations_not_run = [], [], [], [], [], []
     for point in points:
         records = load_compare(point)
         nexus = records.get("nexus") if records.get("nexus", {}).get("status") == "done" else None
         for name, r in records.items():
+            if r.get("group") == "ablation":
+                continue
             if r.get("status") != "done":
                 missing.append(f"{point.name} {name}: {r.get('status')} ({r.get('reason', '')})")
                 continue
@@ -43,6 +47,9 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
             if nexus is not None and name != "nexus":
                 d = paired_delta(r, nexus)
                 deltas.append([point.name, name, fmt_ci(d and d["min"], signed=True), verdict(d and d["min"])])
+        rows_a, not_run_a = ablation_rows(point.name, records, paired_delta, verdict, fmt_ci)
+        ablations += rows_a
+        ablations_not_run += not_run_a
         if nexus is not None and point.name in GOALS:
             floor, general_floor = GOALS[point.name]
             m = nexus["min"]
@@ -67,6 +74,9 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
                 md_table(["point", "method", "Δ min vs NEXUS [95% CI]", "verdict"], deltas)]
     if goals:
         out += ["", "Issue 16's goals:", "", md_table(["point", "goal", "NEXUS", ""], goals)]
+    if ablations or ablations_not_run:
+        out += ["", "### Ablations on the Gemma case (issue 17, item 5): one NIWT part switched at a time", "",
+                *ablation_lines(ablations, ablations_not_run, md_table)]
     measured = {(p.name, n) for p in points for n, r in load_compare(p).items() if r.get("status") == "done"}
     import size_sweep
 

@@ -1,9 +1,9 @@
-"""Train the three specialist teachers with their real step counts and print competence and timings.
+"""Train the specialist teachers (arithmetic, code, prose, reversal) with their real step counts; print competence.
 
     python bench/train_specialists.py [OUT_ROOT] [--only arithmetic --only code ...] [--threads N]
                                       [--summary bench/results/specialists.json]
 
-Writes ``OUT_ROOT/{arithmetic,code,prose}`` (default root ``/work/cache/specialists``; a finished folder of the same
+Writes ``OUT_ROOT/{arithmetic,code,prose,reversal}`` (default root ``/work/cache/specialists``; a finished folder of the same
 recipe is reused, not retrained) and the result JSON ``bench/results/specialists.json`` with every figure printed
 here (``--summary``; it keeps the figures of specialists not trained in this run when it is about the same root).
 """

@@ -162,7 +162,7 @@ def test_only_the_size_sweep_section_is_rewritten_from_its_json(compared, tmp_pa
     md.write_text("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n\n## 5. Size sweep: old\n\nold rows\n")
     title = results.size_sweep_md.TITLE
     md.write_text(md.read_text().replace("## 5. Size sweep: old", title))
-    results.main(["--only-size-sweep", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
     text = md.read_text()
     assert "## 1. Kept\n\nkept text\n" in text and "old rows" not in text and text.count(title) == 1
     nexus = _record(root, "nexus")
@@ -173,5 +173,38 @@ def test_only_the_size_sweep_section_is_rewritten_from_its_json(compared, tmp_pa
     assert f"| 0.25 | fusellm_dense_kd | {results.fmt_ci(delta['min'], signed=True)} |" in text
     # a second section appended when absent, the first kept
     md.write_text("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n")
-    results.main(["--only-size-sweep", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
     assert md.read_text().startswith("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n\n" + title)
+
+
+def test_sweep_ablations_and_the_claims_table_come_from_the_json(compared, tmp_path):
+    _, root, _, _ = compared
+    results = _load("results")
+    point = tmp_path / "results" / "size_sweep" / "0.25"
+    point.mkdir(parents=True)
+    (point / "nexus.json").write_text((root / "compare" / "nexus.json").read_text())
+    (point / "no_localisation.json").write_text((root / "compare" / "no_localisation.json").read_text())
+    switched = _record(root, "fusellm_dense_kd")  # stands in for a finished ablation run (LMC off)
+    switched.update(variant="no_lmc", group="ablation", label="LMC off")
+    (point / "no_lmc.json").write_text(json.dumps(switched))
+    md = tmp_path / "RESULTS.md"
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    text = md.read_text()
+    nexus = _record(root, "nexus")
+    delta = results.paired_delta(switched, nexus)
+    # the ablation is a row of its own table (not a baseline row), with its paired difference from NEXUS
+    row = next(line for line in text.splitlines() if line.startswith("| 0.25 | LMC off |"))
+    assert results.fmt_ci(delta["min"], signed=True) in row and results.verdict(delta["min"]) in row
+    assert not any(line.startswith("| 0.25 | no_lmc |") for line in text.splitlines())
+    assert "localisation off**: not_a_switch" in text
+    # the claims: NIWT's retention claim checked per capability at that point; LMC's with the stage's own effect
+    claims = text[text.index(results.claims_md.TITLE):]
+    niwt = next(line for line in claims.splitlines() if line.startswith("| NIWT keeps 93–97% of each capability | 0.25 |"))
+    assert all(results.fmt_ci(e) in niwt for e in nexus["retention"].values())
+    worst = min(e["ci"][1] for e in nexus["retention"].values() if e["ci"])  # tiny teachers: some undefined
+    assert ("**refuted (worse)**" in niwt) == (worst < 0.93)
+    lmc = next(line for line in claims.splitlines() if line.startswith("| LMC 90–95% | 0.25 |"))
+    effect = {"value": -delta["min"]["value"], "ci": [-delta["min"]["ci"][1], -delta["min"]["ci"][0]]}
+    assert results.fmt_ci(effect, signed=True) in lmc
+    # a claim whose runs are missing says so instead of a figure
+    assert "| traditional KD loses 15–20% | – | the runs it needs are not in the sweep yet | not measured |" in claims

@@ -92,7 +92,7 @@ def _tiny(name, **update):
     return sp.SpecialistRecipe(**{**sp.SPECIALISTS[name].model_dump(), **base, **update})  # validated
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "code", "prose"])
+@pytest.mark.parametrize("name", ["arithmetic", "code", "prose", "reversal"])
 def test_a_few_steps_lower_the_loss(name):
     recipe = _tiny(name, steps=40)
     tok = sp.build_tokenizer(recipe)
@@ -117,6 +117,29 @@ def test_arithmetic_batches_mask_prompts_and_exclude_heldout_prompts():
         answer = text.split("=")[1]
         assert targets == answer + tok.eos_token  # only the answer and EOS are trained on
         assert arithmetic_check({"prompt": text.split("=")[0] + "=", "answer": answer})
+
+
+def test_reversal_items_are_seeded_and_bundled():
+    from nexus.conversion.corpora import reversal_items
+    from nexus.conversion.probes.data_source import read_jsonl
+    from nexus.conversion.training_text import training_text
+
+    items = reversal_items(50, seed=3)
+    assert items == reversal_items(50, seed=3) and items != reversal_items(50, seed=4)
+    for item in items:
+        assert item["prompt"][0] == "~" and item["prompt"][-1] == "=" and item["answer"] == item["prompt"][-2:0:-1]
+    records, _ = read_jsonl("bundled:reversal")
+    held = {r["prompt"] for _, r in records}
+    train = training_text("reversal", "bundled:reversal", items=300)
+    assert len(held) > 900 and len(train.chunks) == 300 and not held & set(train.prompts)
+    recipe = _tiny("reversal", train_items=2_000)
+    tok = sp.build_tokenizer(recipe)
+    assert len(tok) == 4 + 12  # its own alphabet: digits, ~ and =
+    ids, labels = sp.ArithmeticBatches(recipe, tok, seed=0)()
+    for row, lab in zip(ids, labels):
+        text = tok.decode(row, skip_special_tokens=True)
+        assert tok.decode(lab[lab != -100]) == text.split("=")[1] + tok.eos_token
+        assert text.split("=")[1] == text.split("=")[0][:0:-1]
 
 
 def test_recipes_validate_their_fields():
@@ -194,7 +217,7 @@ def test_early_stopping_on_validation_items():
         sp.SpecialistRecipe(**{**recipe.model_dump(), "validation_seed": recipe.eval_seed})
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "code", "prose"])
+@pytest.mark.parametrize("name", ["arithmetic", "code", "prose", "reversal"])
 def test_specialist_architectures_import_into_nexus_exactly(name):
     from nexus.conversion.teacher_import import nexus_from_teacher
 

@@ -12,7 +12,7 @@ at the held-out items its score is measured on:
 
 import torch
 
-from .corpora import arithmetic_items, corpus_path
+from .corpora import GENERATED_ITEMS, corpus_path
 from .probes.data_source import ProbeDataError, is_bundled, parse_bundled, read_jsonl, read_text
 
 CALIBRATION_ARITHMETIC_SEED = 1234
@@ -40,10 +40,10 @@ def calibration_text(data, kind="text"):
     """
     if is_bundled(data):
         name, _ = parse_bundled(data)
-        if name == "arithmetic":
-            items = arithmetic_items(CALIBRATION_ARITHMETIC_ITEMS, seed=CALIBRATION_ARITHMETIC_SEED)
+        if name in GENERATED_ITEMS:
+            items = GENERATED_ITEMS[name](CALIBRATION_ARITHMETIC_ITEMS, seed=CALIBRATION_ARITHMETIC_SEED)
             return "\n".join(i["prompt"] + i["answer"] for i in items) + "\n", \
-                f"bundled:arithmetic (seed {CALIBRATION_ARITHMETIC_SEED})"
+                f"bundled:{name} (seed {CALIBRATION_ARITHMETIC_SEED})"
         return read_text(f"bundled:{name}:train")[0], str(corpus_path(name, "train"))
     if kind == "text":
         return read_text(data)

@@ -189,12 +189,13 @@ class Capability:
 
 
 def compress_model(model, tokenizer, capabilities, options=None, budget=None, feature_map=None, out_dir=None,
-                   console=None, show_progress=False):
+                   console=None, show_progress=False, critical=None):
     """Compress the one-tower Nexus ``model``; returns ``(student, student_tokenizer, record)``.
 
     ``capabilities`` is a list of `Capability`; ``budget`` a `budget.Budget` (default: from ``options.budget``);
-    ``feature_map`` the `feature_map_scores` dict. With ``out_dir`` the trimmed tokenizer is written there (the
-    caller's staging folder); without it, vocabulary trimming works in a temporary folder.
+    ``feature_map`` the `feature_map_scores` dict; ``critical`` the units the localiser found causally necessary
+    (`critical_units.critical_units`), kept ahead of every other unit. With ``out_dir`` the trimmed tokenizer is
+    written there (the caller's staging folder); without it, vocabulary trimming works in a temporary folder.
     """
     import tempfile
 
@@ -257,6 +258,10 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
         record["notes"].append("no localisation feature map: capability importance = gradient-Taylor + activation")
     scores = scorer.score(units, statistics, weights, feature_map if options.scorer == "capability" else None)
     scores.check(units)
+    if critical and any(critical.values()):
+        from .critical_units import protect_scores
+
+        scores = protect_scores(scores, critical)
     timings["importance"] = time.time() - t1
 
     # 3. budget
@@ -281,6 +286,11 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
     record["params"]["student"] = alloc.params
     record["keep_fraction"] = alloc.keep_fraction
     record["kept"] = _kept_record(alloc, units)
+    if critical and any(critical.values()):
+        from .critical_units import student_numbering
+
+        record["critical"] = {"teacher_units": {k: len(v) for k, v in critical.items()},
+                              **student_numbering(critical, record["kept"]["layers"])}
     timings["prune"] = time.time() - t1 - timings["importance"]
 
     # 5. low rank

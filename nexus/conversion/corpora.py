@@ -1,8 +1,8 @@
-"""The bundled capability data: English prose, Python code, and seeded arithmetic exact-match items.
+"""The bundled capability data: English prose, Python code, and seeded exact-match items (arithmetic, reversal).
 
 Prose and code are small slices shipped in ``nexus/conversion/data/`` (cut by ``bench/make_corpora.py`` from python3-doc
-and the Python stdlib); the train and held-out halves come from disjoint source files. Arithmetic items are generated,
-so any number of them can be made reproducibly from a seed.
+and the Python stdlib); the train and held-out halves come from disjoint source files. Arithmetic and reversal items
+are generated (`GENERATED_ITEMS`), so any number of them can be made reproducibly from a seed.
 """
 
 import json
@@ -71,9 +71,33 @@ def arithmetic_check(item):
     return arithmetic_value(item["answer"]) == expected
 
 
-def write_arithmetic_jsonl(path, n, seed=0):
-    """Write ``n`` arithmetic items as JSONL (one ``{"prompt", "answer"}`` per line); returns the path."""
+def reversal_items(n, seed=0, min_digits=5, max_digits=8):
+    """``n`` string-reversal items over digit strings of 5-8 digits, reproducible from ``seed``.
+
+    ``{"prompt": "~48213=", "answer": "31284"}``: the string between ``~`` and ``=`` written backwards. Digits and
+    the two markers because Gemma's tokenizer splits every digit into its own token, as a character tokenizer does,
+    so a character-level teacher's tower reads the student's tokens one to one (`tower_vocabulary`).
+    """
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        text = "".join(rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits)))
+        items.append({"prompt": f"~{text}=", "answer": text[::-1]})
+    return items
+
+
+# name -> items(n, seed): the bundled exact-match item sets (``bundled:NAME``), generated rather than shipped
+GENERATED_ITEMS = {"arithmetic": arithmetic_items, "reversal": reversal_items}
+
+
+def write_items_jsonl(path, n, seed=0, name="arithmetic"):
+    """Write ``n`` generated items of ``name`` as JSONL (one ``{"prompt", "answer"}`` per line); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(item) + "\n" for item in arithmetic_items(n, seed)))
+    path.write_text("".join(json.dumps(item) + "\n" for item in GENERATED_ITEMS[name](n, seed)))
     return path
+
+
+def write_arithmetic_jsonl(path, n, seed=0):
+    """Write ``n`` arithmetic items as JSONL (one ``{"prompt", "answer"}`` per line); returns the path."""
+    return write_items_jsonl(path, n, seed, "arithmetic")

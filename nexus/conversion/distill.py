@@ -91,7 +91,7 @@ class DistillOptions(BaseModel):
     tokens: int | None = Field(None, ge=1, description="token budget: at most this many student tokens of "
                                                        "training text per capability (default: all of it)")
     chunk_chars: int = Field(400, ge=16, description="training text is cut into chunks of about this many characters")
-    arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic: generated training items")
+    arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic / reversal: generated training items")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of each capability's chunks held out "
                                                                  "(router accuracy, LMC score)")
     seq_len: int = Field(128, ge=4, description="student tokens per row (capped at the longest chunk)")
@@ -414,6 +414,31 @@ def _digest(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _preservation_options(options):
+    """Critical units are marked 0/1: normalise them by the maximum (a rank would spread the ties over [0, 1])."""
+    return options.model_copy(update={"normalise": "max"}) if options.importance == "critical" else options
+
+
+def _critical_importance(model, student_init, console):
+    """Preservation importance on exactly the critical units the student build kept (`critical_units`)."""
+    from .critical_units import critical_importance
+
+    build_json = Path(student_init) / "student_build.json"
+    towers = json.loads(build_json.read_text()).get("towers", []) if build_json.is_file() else []
+    importance = {}
+    for t in towers:
+        crit = (t.get("compress") or {}).get("critical")
+        if crit and (crit["head"] or crit["neuron"]):
+            importance.update(critical_importance(model, t["index"], crit))
+            console.print(f"  preservation: tower {t['index']} ({t.get('capability')}): {len(crit['head'])} critical "
+                          f"heads, {len(crit['neuron'])} critical neurons protected")
+    if not importance:
+        raise DistillError(f"stages.distill.preservation.importance is 'critical' but {build_json} records no "
+                           "critical units: run the localise stage before student_build (pipeline: [profile, "
+                           "localise, student_build, ...]) with localisation: auto, or use importance: taylor")
+    return importance
+
+
 def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=None, show_progress=True,
                 resume=True, force=False) -> dict:
     """Distil the teachers into the student at ``student_init``; returns the summary (also ``distill.json``).
@@ -603,7 +628,9 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
                            autocast=options.autocast, seed=options.seed, checkpoint_every=options.checkpoint_every,
                            keep_last=2, gradient_checkpointing=options.gradient_checkpointing)
     importance = None
-    if options.preservation.mode != "off":
+    if options.preservation.mode != "off" and options.preservation.importance == "critical":
+        importance = _critical_importance(model, student_init, console)
+    elif options.preservation.mode != "off":
         calib = [batches(i) for i in range(options.preservation_batches * len(groups))]
         importance = taylor_importance(model, calib, loss_module, forward)
     router_before = router_accuracy(model, heldout_groups)
@@ -612,7 +639,8 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
         console.rule(f"[bold]distill: {options.steps} steps x {len(groups)} micro-batches of {options.batch_size} "
                      "rows")
         log = train_student(model, loss_module, batches, engine, out / "engine",
-                            preservation=Preservation(options.preservation, importance), forward=forward,
+                            preservation=Preservation(_preservation_options(options.preservation), importance),
+                            forward=forward,
                             resume=resume, progress=show_progress)
     else:  # every tower frozen and no router to train: the student init is the result
         console.print("  nothing to train: every tower is an exact copy of its teacher (freeze_exact_towers)")

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .atomic_output import atomic_dir, atomic_file
 from .peak_rss import current_rss, peak_rss, release_freed_memory, reset_peak_rss
 from .probes import ProbeDataError, ProbeSettings, probe_class
-from .probes.data_source import ARITHMETIC_HELDOUT_SEED, ARITHMETIC_ITEMS, is_bundled, parse_bundled
+from .probes.data_source import ARITHMETIC_HELDOUT_SEED, ARITHMETIC_ITEMS, BUNDLED_KINDS, is_bundled, parse_bundled
 from .progress_bar import stage_progress
 from .recipe import Recipe, register_stage_options, write_resolved_recipe
 from .run_paths import recipe_sources
@@ -155,7 +155,7 @@ def _source_fingerprint(path):
 def _data_fingerprint(data):
     if is_bundled(data):
         name, split = parse_bundled(data)
-        if name == "arithmetic":
+        if BUNDLED_KINDS[name] == "jsonl":  # generated items
             return f"{data}:seed={ARITHMETIC_HELDOUT_SEED}:n={ARITHMETIC_ITEMS}"
         from .corpora import corpus_path
         return _file_digest(corpus_path(name, split))

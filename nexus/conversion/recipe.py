@@ -99,7 +99,7 @@ class TeacherSpec(_Strict):
 class CapabilitySpec(_Strict):
     name: Name = Field(description="the capability's name in scores and reports")
     probe: str = Field(description="how it is scored: a registered probe (lm, exact_match, multiple_choice, lm_eval)")
-    data: str = Field(description="a data file (relative to the recipe's folder) or bundled:prose|code|arithmetic")
+    data: str = Field(description="a data file (relative to the recipe's folder) or bundled:prose|code|arithmetic|reversal")
     weight: float = Field(1.0, gt=0, description="the capability's weight in importance and in the overall score")
     teachers: list[str] | None = Field(
         None, description="score only these teachers on it (default: every teacher)")

@@ -469,3 +469,6 @@ def plan_localise_ram(recipe, runtime, profile=None, student=None):
                 plans[spec.name] = _plan("localise", {**plans[spec.name]["components"], "attribution_backward": grad},
                                          **plans[spec.name]["assumptions"])
     return _largest(plans, "localise", one_teacher_resident=True)
+
+
+register_stage_ram_plan("localise", plan_localise_ram)  # the optional stage, for its stand-alone callers too

@@ -171,8 +171,17 @@ class StudentBuildOptions(BaseModel):
                               "ONE tower serving every capability (no router), the family, depth and heads of the "
                               "first capability's best teacher, FFN width as large as the budget allows (needs "
                               "init: random)")
+    localisation: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the pipeline ran the localise stage, each tower is compressed with its "
+                            "teacher's feature map (its importance terms) and keeps the units the localiser found "
+                            "causally necessary for a capability the tower serves (critical_units.py); off: the "
+                            "feature map is ignored (the ablation)")
+    critical_confidence: float = Field(
+        0.95, ge=0.5, le=1.0, description="localisation: a capability's selected units count as critical only when "
+                                          "ablating them beat random units of the same size in at least this share "
+                                          "of the causal resamples")
     chunk_chars: int = Field(400, ge=16, description="training text is cut into chunks of about this many characters")
-    arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic: generated training items")
+    arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic / reversal: generated training items")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random parts (rows no teacher provides)")
 
 
@@ -337,12 +346,14 @@ def _effective_norm(model):
 
 
 def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget, options, console, show_progress,
-                    unk_tolerance=None, weights=None, keep_head=False):
+                    unk_tolerance=None, weights=None, keep_head=False, feature_map=None):
     """Load one teacher, import, compress its layers to ``tower_layer_budget``; returns what the student needs.
 
     ``texts`` {capability: TrainingText} of the capabilities the tower serves, ``weights`` {capability: weight}
     (default 1 each): compression calibrates on every one of them, weighted. The teacher's tokenizer must round-trip
-    each text (`tokenizer_roundtrip`; ``unk_tolerance`` {capability: the fraction of unk tokens its probe accepts})."""
+    each text (`tokenizer_roundtrip`; ``unk_tolerance`` {capability: the fraction of unk tokens its probe accepts}).
+    ``feature_map``: the localiser's map (loaded JSON): its terms join the capability scorer and the units it found
+    causally necessary for these capabilities are kept first (`critical_units`)."""
     from .compress import Capability, CompressOptions, compress_model
     from .teacher_import import nexus_from_teacher
     from .teacher_source import load_teacher
@@ -374,18 +385,50 @@ def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget
         student, record = nexus, {"note": "budget holds the whole teacher: not pruned",
                                   "params": {"student": config_parameter_count(nexus.config)}}
     else:
+        fm_scores, critical, localisation = _localisation_inputs(feature_map, teacher_name, nexus, texts, options)
         student, _, record = compress_model(nexus, tok, capabilities, copts, budget=budget, console=console,
-                                            show_progress=show_progress)
+                                            show_progress=show_progress, feature_map=fm_scores, critical=critical)
         record.pop("vocab", None)
+        if localisation is not None:
+            record["localisation"] = localisation
     info["source"] = str(folder)
     info["tower_spec"] = dict(student.config.towers[0])
     info["tower_state"] = {k: v.detach().clone() for k, v in student.model.towers[0].state_dict().items()}
     info["record"] = {k: v for k, v in record.items() if k in ("allocation", "budget", "params", "keep_fraction",
                                                                "kept", "notes", "note", "seconds", "scorer",
-                                                               "capabilities")}
+                                                               "capabilities", "critical", "localisation",
+                                                               "feature_map")}
     del student, nexus
     gc.collect()
     return info
+
+
+def _print_critical(console, name, record):
+    crit = record.get("critical")
+    if console is None or not record.get("localisation"):
+        return
+    used = [c for c, r in record["localisation"]["critical"].items() if r["used"]]
+    if crit:
+        console.print(f"  tower {name}: critical units of {', '.join(used)} kept: {len(crit['head'])} heads, "
+                      f"{len(crit['neuron'])} neurons (lost to the budget: {crit['lost']['head']} heads, "
+                      f"{crit['lost']['neuron']} neurons)")
+    else:
+        console.print(f"  tower {name}: no causally confirmed critical units "
+                      + "; ".join(f"{c}: {r['reason']}" for c, r in record["localisation"]["critical"].items()))
+
+
+def _localisation_inputs(feature_map, teacher_name, nexus, texts, options):
+    """(feature-map scores, critical units, report) for one tower, or (None, None, None) without a feature map."""
+    if feature_map is None or options.localisation == "off":
+        return None, None, None
+    from .compress import feature_map_scores
+    from .critical_units import critical_units
+    from .decoder_units import DecoderUnits
+
+    scores = feature_map_scores(feature_map, teacher_name, DecoderUnits(nexus))
+    scores = {cap: v for cap, v in scores.items() if cap in texts} or None
+    critical, report = critical_units(feature_map, teacher_name, list(texts), options.critical_confidence)
+    return scores, critical, {"feature_map_terms": sorted(scores or ()), "critical": report}
 
 
 def _init_embedding(student, student_tok, towers, texts, order, options):
@@ -543,9 +586,10 @@ def dense_student(family_folder, student_tok, hidden_size, total_budget, order, 
 
 
 def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, show_progress=True,
-                  overwrite=True, inputs_digest=None) -> tuple[Path, dict]:
+                  overwrite=True, inputs_digest=None, feature_map=None) -> tuple[Path, dict]:
     """Build the student into ``out`` (atomically); returns (path, record). ``texts``: {cap: TrainingText}
-    (default: `training_text` of every capability; only the served capabilities' are used)."""
+    (default: `training_text` of every capability; only the served capabilities' are used); ``feature_map``: the
+    localise stage's feature_map.json (a path), used per ``localisation``."""
     from .profile import dropped_capabilities
     from .run_paths import recipe_sources
     from .teacher_source import resolve_teacher_folder
@@ -570,6 +614,11 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         texts = student_training_texts(recipe)
     texts = {cap: texts[cap] for cap in order}  # a dropped capability trains neither the tokenizer nor a tower
     folders = {t.name: resolve_teacher_folder(t.source, t.allow_pickle, recipe.cache_dir) for t in recipe.teachers}
+    fm = None
+    if feature_map is not None and options.localisation != "off":
+        from .feature_map import load_feature_map
+
+        fm = load_feature_map(feature_map)
     sources.update({f"teacher folder {name}": folder for name, folder in folders.items()})
     counts = {name: teacher_counts(folders[name]) for name in serves}
     student_tok = shared_tokenizer(options, texts, recipe, folders, profile)
@@ -634,8 +683,10 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
             towers[name] = _compress_tower(name, name, folders[name], DTYPES[teacher.dtype],
                                            {c: texts[c] for c in caps}, tower_budgets[name], options, console,
                                            show_progress, {c: probe_unk_tolerance(spec_of[c]) for c in caps},
-                                           weights={c: cap_weight[c] for c in caps}, keep_head=name in own)
+                                           weights={c: cap_weight[c] for c in caps}, keep_head=name in own,
+                                           feature_map=fm)
             towers[name]["capabilities"] = list(caps)
+            _print_critical(console, name, towers[name]["record"])
             if name in own:
                 towers[name]["own_vocabulary"]["plan"] = own[name]
         student, rows = assemble_student(towers, student_tok, hidden, list(serves), texts, options)
@@ -713,7 +764,7 @@ def student_training_texts(recipe: Recipe) -> dict:
                                   items=options.arithmetic_items) for c in recipe.capabilities}
 
 
-def build_inputs_digest(recipe, profile, texts):
+def build_inputs_digest(recipe, profile, texts, feature_map=None):
     """The build's cache key: its options and budget, the capabilities in order with the text it trains on, the
     profile's best teachers, and the profile's own inputs (a changed profile field invalidates every later stage;
     they also fingerprint the teachers' files), the capabilities left without a tower (no competent teacher) and the
@@ -726,19 +777,25 @@ def build_inputs_digest(recipe, profile, texts):
                        "capabilities": [c.name for c in recipe.capabilities],
                        "training_text": training_texts_digest(texts),
                        "profile_inputs": profile_inputs(recipe),
-                       "budget": recipe.student.budget.model_dump(mode="json")}, sort_keys=True, default=str)
+                       "budget": recipe.student.budget.model_dump(mode="json"),
+                       "feature_map": (hashlib.sha256(Path(feature_map).read_bytes()).hexdigest()
+                                       if feature_map is not None else None)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show_progress=True, force=False):
+def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show_progress=True, force=False,
+                      feature_map=None):
     """The student_build stage: build into ``out`` (default ``runs/<name>/student_build``) unless a build with the same
-    inputs (`build_inputs_digest`) is there; returns (path, record)."""
+    inputs (`build_inputs_digest`, the feature map's bytes included) is there; returns (path, record).
+    ``feature_map``: the localise stage's feature_map.json when the pipeline ran it (see ``localisation``)."""
     from .profile import load_profile
 
     profile = profile if profile is not None else load_profile(recipe.run_path)
     out = Path(out) if out is not None else recipe.run_path / STAGE
     texts = student_training_texts(recipe)
-    digest = build_inputs_digest(recipe, profile, texts)
+    if recipe.stage(STAGE).localisation == "off":
+        feature_map = None
+    digest = build_inputs_digest(recipe, profile, texts, feature_map)
     record_path = out / "student_build.json"
     if not force and record_path.is_file():
         try:
@@ -748,5 +805,5 @@ def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show
         if record.get("inputs_digest") == digest:
             return out, {**record, "reused": True}
     path, record = build_student(recipe, profile, out, texts=texts, console=console, show_progress=show_progress,
-                                 inputs_digest=digest)
+                                 inputs_digest=digest, feature_map=feature_map)
     return path, {**record, "reused": False}

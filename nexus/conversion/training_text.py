@@ -3,8 +3,9 @@
 A capability's ``data`` in the recipe is what validation scores; training needs another source, resolved here:
 
 - ``bundled:prose`` / ``bundled:code`` -> the bundled train split (``corpus_text(name, "train")``), cut into chunks;
-- ``bundled:arithmetic`` -> generated items ``prompt + answer`` from seeds `ARITHMETIC_TRAIN_SEED`, ... (never the
-  probe's held-out seed); any item whose prompt is also a held-out prompt is dropped;
+- ``bundled:arithmetic`` / ``bundled:reversal`` -> generated items ``prompt + answer`` from seeds
+  `ARITHMETIC_TRAIN_SEED`, ... (never the probe's held-out seed); any item whose prompt is also a held-out prompt is
+  dropped;
 - anything else needs an explicit training source (``stages.distill.train_data.CAP``): a UTF-8 text file (cut into
   chunks), a JSONL file of ``{"prompt", "answer"}`` items (one chunk per item), or a bundled source.
 
@@ -17,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpora import arithmetic_items, corpus_text
+from .corpora import GENERATED_ITEMS, corpus_text
 from .probes.data_source import ARITHMETIC_HELDOUT_SEED, ARITHMETIC_ITEMS, is_bundled, parse_bundled
 
 ARITHMETIC_TRAIN_SEED = 700_000  # far from the probe's held-out seed and from the specialists' seeds
@@ -58,12 +59,14 @@ def text_chunks(text, chunk_chars):
     return [c for c in chunks if c.strip()]
 
 
-def arithmetic_training_items(n):
-    """``n`` generated arithmetic items from the training seeds, none sharing a prompt with the held-out items."""
-    held_out = {i["prompt"] for i in arithmetic_items(ARITHMETIC_ITEMS, ARITHMETIC_HELDOUT_SEED)}
+def arithmetic_training_items(n, name="arithmetic"):
+    """``n`` generated items of ``name`` (arithmetic, reversal) from the training seeds, none sharing a prompt with the
+    held-out items."""
+    generate = GENERATED_ITEMS[name]
+    held_out = {i["prompt"] for i in generate(ARITHMETIC_ITEMS, ARITHMETIC_HELDOUT_SEED)}
     items, seed = [], ARITHMETIC_TRAIN_SEED
     while len(items) < n:
-        items += [i for i in arithmetic_items(min(ITEMS_PER_SEED, n - len(items)), seed) if i["prompt"] not in held_out]
+        items += [i for i in generate(min(ITEMS_PER_SEED, n - len(items)), seed) if i["prompt"] not in held_out]
         seed += 1
     return items[:n]
 
@@ -82,16 +85,16 @@ def training_text(capability, data, train_data=None, chunk_chars=400, max_chunks
     where = f"stages.distill.train_data.{capability}"
     if is_bundled(source):
         name, _ = parse_bundled(source)
-        if name == "arithmetic":
-            result = _items_text(capability, arithmetic_training_items(items), f"bundled:arithmetic (seeds from "
-                                                                                f"{ARITHMETIC_TRAIN_SEED})")
+        if name in GENERATED_ITEMS:
+            result = _items_text(capability, arithmetic_training_items(items, name),
+                                 f"bundled:{name} (seeds from {ARITHMETIC_TRAIN_SEED})")
         else:
             result = TrainingText(capability, text_chunks(corpus_text(name, "train"), chunk_chars), "text",
                                   f"bundled:{name}:train")
     elif train_data is None:
         raise TrainingTextError(f"capability {capability!r}: its data {data} is what it is scored on; give a separate "
                                 f"training source in {where} (a text file, a JSONL of prompt/answer items, or "
-                                "bundled:prose|code|arithmetic)")
+                                "bundled:prose|code|arithmetic|reversal)")
     else:
         path = Path(source)
         if not path.is_file():

@@ -82,6 +82,11 @@ class PreservationOptions(_Strict):
                            "anchor: EWC-like penalty anchor_lambda * sum importance * (theta - theta_start)^2")
     strength: float = Field(
         0.9, ge=0, le=1, description="lr_scale: how much the most important element's learning rate is cut (1 = frozen)")
+    importance: Literal["taylor", "critical"] = Field(
+        "taylor", description="what is protected: taylor = every element by its first-order Taylor importance on "
+                              "calibration batches; critical = exactly the units the localiser found causally "
+                              "necessary and the student build kept (1 on their rows/columns, 0 elsewhere, "
+                              "normalised by 'max'; needs the localise stage before student_build)")
     anchor_lambda: float = Field(1.0, ge=0, description="anchor: weight of the penalty in the loss")
     normalise: Literal["rank", "max"] = Field(
         "rank", description="importance -> [0, 1]: 'rank' = its quantile over all protected elements (robust to "

@@ -1,6 +1,6 @@
 """Is a specialist competent? Its own score against a trivial baseline, measured with the profile probes.
 
-- arithmetic: exact match under greedy decoding on ``recipe.eval_items`` held-out items (seed ``recipe.eval_seed``,
+- arithmetic / reversal: exact match under greedy decoding on ``recipe.eval_items`` held-out items (seed ``recipe.eval_seed``,
   never trained on), through the `exact_match` probe; competent when exact match >= 0.9.
 - code / prose: bits per byte on ``corpus_text(name, "heldout")`` through the `lm` probe, against a unigram model
   over the specialist's own tokens fitted on the train split (add-one smoothed; its bits divided by UTF-8 bytes);
@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 
 from nexus.conversion.bootstrap import bootstrap_ci
-from nexus.conversion.corpora import corpus_path, corpus_text, write_arithmetic_jsonl
+from nexus.conversion.corpora import GENERATED_ITEMS, corpus_path, corpus_text, write_items_jsonl
 from nexus.conversion.probes import ProbeSettings, probe_class
 
 EXACT_MATCH_TARGET = 0.9
@@ -32,8 +32,8 @@ def _settings(recipe, items):
 def measure_competence(model, tokenizer, recipe, work_dir):
     """The specialist's competence dict; ``work_dir`` receives the arithmetic held-out JSONL it was scored on."""
     model.eval()
-    if recipe.data == "arithmetic":
-        data = write_arithmetic_jsonl(f"{work_dir}/{EVAL_ITEMS_FILE}", recipe.eval_items, recipe.eval_seed)
+    if recipe.data in GENERATED_ITEMS:
+        data = write_items_jsonl(f"{work_dir}/{EVAL_ITEMS_FILE}", recipe.eval_items, recipe.eval_seed, recipe.data)
         probe = probe_class("exact_match")(data, {}, _settings(recipe, recipe.eval_items)).load()
         reason = probe.cannot_score(tokenizer, model.config)
         if reason:
@@ -61,8 +61,8 @@ def measure_competence(model, tokenizer, recipe, work_dir):
 def exact_match_validator(tokenizer, recipe, work_dir):
     """``validate(model) -> exact match`` on the validation items (seed ``recipe.validation_seed``), for early
     stopping; these items are disjoint from the held-out ones competence is reported on."""
-    data = write_arithmetic_jsonl(f"{work_dir}/{VALIDATION_ITEMS_FILE}", recipe.validation_items,
-                                  recipe.validation_seed)
+    data = write_items_jsonl(f"{work_dir}/{VALIDATION_ITEMS_FILE}", recipe.validation_items,
+                             recipe.validation_seed, recipe.data)
     probe = probe_class("exact_match")(data, {}, _settings(recipe, recipe.validation_items)).load()
 
     def validate(model):

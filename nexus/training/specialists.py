@@ -1,12 +1,13 @@
 """Tiny specialist teachers, trained here on the bundled data and saved as ordinary Hugging Face checkpoints.
 
-Three specialists with different architectures and tokenizers give NEXUS real, disagreeing teachers to consolidate:
+Four specialists with different architectures and tokenizers give NEXUS real, disagreeing teachers to consolidate:
 
 | name       | family                                          | tokenizer                   | data                      |
 |------------|-------------------------------------------------|-----------------------------|---------------------------|
 | arithmetic | Llama (`LlamaForCausalLM`), 6 layers            | characters (printable ASCII) | `arithmetic_items`, seeded |
 | code       | Gemma 3 (`Gemma3ForCausalLM`), local/global layers | byte-level BPE, 1024, on code | `corpus_text("code", "train")` |
 | prose      | Qwen 3 (`Qwen3ForCausalLM`)                     | byte-level BPE, 768, on prose | `corpus_text("prose", "train")` |
+| reversal   | Qwen 2 (`Qwen2ForCausalLM`), 4 layers           | characters (digits, ``~``, ``=``) | `reversal_items`, seeded |
 
 `train_specialist(name, out_dir)` trains one (fp32 on the CPU: see `SpecialistRecipe.autocast`), measures its
 competence (`specialist_competence.py`) and writes the folder atomically:
@@ -30,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nexus.conversion.atomic_output import atomic_dir
-from nexus.conversion.corpora import arithmetic_items, corpus_text
+from nexus.conversion.corpora import GENERATED_ITEMS, corpus_text
 
 # Bump when the training code changes in a way that changes the weights a recipe produces (invalidates caches).
 TRAINING_CODE_VERSION = 1
@@ -43,10 +44,13 @@ class SpecialistRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="specialist name: the capability it is good at and the folder it is saved in")
-    family: Literal["llama", "gemma3_text", "qwen3"] = Field(description="HF architecture family of the model")
+    family: Literal["llama", "gemma3_text", "qwen3", "qwen2"] = Field(description="HF architecture family of the model")
     tokenizer: Literal["char", "bpe"] = Field(description="character-level, or byte-level BPE trained on the data")
-    data: Literal["arithmetic", "code", "prose"] = Field(
-        description="training data: generated arithmetic items, or a bundled corpus (its train split)")
+    char_alphabet: str | None = Field(None, min_length=1, description="char tokenizer: its characters (None: printable "
+                                                                      "ASCII)")
+    data: Literal["arithmetic", "reversal", "code", "prose"] = Field(
+        description="training data: generated items (arithmetic, reversal: `GENERATED_ITEMS`), or a bundled corpus "
+                    "(its train split); the item fields below apply to both generated sets")
     bpe_vocab_size: int = Field(1024, ge=260, description="BPE vocabulary size, specials and 256 bytes included")
     hidden_size: int = Field(ge=8, description="model width")
     num_layers: int = Field(ge=1, description="decoder layers")
@@ -90,7 +94,7 @@ class SpecialistRecipe(BaseModel):
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.family == "gemma3_text" and self.sliding_window is None:
             raise ValueError("sliding_window: a gemma3_text specialist needs one (its layers alternate local/global)")
-        if self.data == "arithmetic":
+        if self.data in GENERATED_ITEMS:
             for field in ("eval_seed", "validation_seed"):
                 if self.train_seed <= getattr(self, field) < self.train_seed + self._seed_count():
                     raise ValueError(f"{field} {getattr(self, field)} falls inside the training seed range "
@@ -112,7 +116,7 @@ class SpecialistRecipe(BaseModel):
 
 
 ARITHMETIC_ITEMS_PER_SEED = 10_000
-HASH_STABLE_FIELDS = ("decay", "schedule", "clip_grad_norm", "adam_beta2")
+HASH_STABLE_FIELDS = ("decay", "schedule", "clip_grad_norm", "adam_beta2", "char_alphabet")
 
 SPECIALISTS: dict[str, SpecialistRecipe] = {}
 
@@ -148,6 +152,16 @@ register_specialist(SpecialistRecipe(
     steps=600, lr=2e-3, batch_size=16, seq_len=128,
 ))
 
+# String reversal of 5-8-digit strings (``~48213=`` -> ``31284``), a task neither Gemma-3-270M nor the arithmetic
+# specialist can do (issue 19's added teacher): another family (Qwen 2: q/k/v biases) and another tokenizer (a
+# character one over the 12 characters the task uses, so its ids differ from the arithmetic specialist's).
+register_specialist(SpecialistRecipe(
+    name="reversal", family="qwen2", tokenizer="char", char_alphabet="0123456789~=", data="reversal",
+    hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=16, intermediate_size=256,
+    steps=3000, lr=2e-3, warmup_steps=50, weight_decay=0.1, schedule="constant", adam_beta2=0.99,
+    batch_size=64, seq_len=24, train_items=100_000, stop_exact_match=0.95, validate_every=100,
+))
+
 
 def specialist_recipe(name_or_recipe) -> SpecialistRecipe:
     if isinstance(name_or_recipe, SpecialistRecipe):
@@ -165,11 +179,11 @@ def build_tokenizer(recipe: SpecialistRecipe):
     if recipe.tokenizer == "char":
         from nexus.training.char_tokenizer import PRINTABLE_ASCII, build_char_tokenizer
 
-        return build_char_tokenizer(PRINTABLE_ASCII, model_max_length=recipe.seq_len)
+        return build_char_tokenizer(recipe.char_alphabet or PRINTABLE_ASCII, model_max_length=recipe.seq_len)
     from nexus.training.bpe_tokenizer import train_bpe_tokenizer
 
-    if recipe.data == "arithmetic":
-        text = "\n".join(i["prompt"] + i["answer"] for i in arithmetic_items(20_000, recipe.train_seed))
+    if recipe.data in GENERATED_ITEMS:
+        text = "\n".join(i["prompt"] + i["answer"] for i in GENERATED_ITEMS[recipe.data](20_000, recipe.train_seed))
     else:
         text = corpus_text(recipe.data, "train")
     return train_bpe_tokenizer(text, recipe.bpe_vocab_size, model_max_length=recipe.seq_len)
@@ -205,6 +219,11 @@ def build_model(recipe: SpecialistRecipe, tokenizer, seed=0):
 
         config = Qwen3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
         model = Qwen3ForCausalLM(config)
+    elif recipe.family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+        model = Qwen2ForCausalLM(config)
     elif recipe.family == "gemma3_text":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -230,24 +249,27 @@ def build_model(recipe: SpecialistRecipe, tokenizer, seed=0):
 
 
 class ArithmeticBatches:
-    """``BOS prompt answer EOS`` rows, right-padded; the loss covers only the answer and EOS (the prompt is random).
+    """Generated items (arithmetic or reversal, ``recipe.data``) as ``BOS prompt answer EOS`` rows, right-padded; the
+    loss covers only the answer and EOS (the prompt is random).
 
     Items whose prompt is also a held-out or validation prompt are dropped, so exact match is measured on unseen
     problems.
     """
 
     def __init__(self, recipe, tokenizer, seed):
-        held_out = {i["prompt"] for i in arithmetic_items(recipe.eval_items, recipe.eval_seed)}
-        held_out |= {i["prompt"] for i in arithmetic_items(recipe.validation_items, recipe.validation_seed)}
+        generate = GENERATED_ITEMS[recipe.data]
+        held_out = {i["prompt"] for i in generate(recipe.eval_items, recipe.eval_seed)}
+        held_out |= {i["prompt"] for i in generate(recipe.validation_items, recipe.validation_seed)}
         items = []
         for k in range(recipe._seed_count()):
             n = min(ARITHMETIC_ITEMS_PER_SEED, recipe.train_items - k * ARITHMETIC_ITEMS_PER_SEED)
-            items += [i for i in arithmetic_items(n, recipe.train_seed + k) if i["prompt"] not in held_out]
+            items += [i for i in generate(n, recipe.train_seed + k) if i["prompt"] not in held_out]
         prompts = tokenizer([i["prompt"] for i in items])["input_ids"]  # BOS + prompt
         answers = tokenizer([i["answer"] for i in items], add_special_tokens=False)["input_ids"]
         width = max(len(p) + len(a) + 1 for p, a in zip(prompts, answers))
         if width > recipe.seq_len:
-            raise ValueError(f"seq_len: {recipe.seq_len} is shorter than the longest arithmetic item ({width} tokens)")
+            raise ValueError(f"seq_len: {recipe.seq_len} is shorter than the longest {recipe.data} item "
+                             f"({width} tokens)")
         self.ids = torch.full((len(items), width), tokenizer.pad_token_id, dtype=torch.long)
         self.loss_mask = torch.zeros((len(items), width), dtype=torch.bool)  # True where the token is a target
         for row, (p, a) in enumerate(zip(prompts, answers)):
@@ -256,7 +278,7 @@ class ArithmeticBatches:
             self.loss_mask[row, len(p): len(seq)] = True
         self.batch_size = recipe.batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.description = f"{len(items)} arithmetic items from seeds {recipe.train_seed}.."
+        self.description = f"{len(items)} {recipe.data} items from seeds {recipe.train_seed}.."
 
     def __call__(self):
         idx = torch.randint(0, self.ids.shape[0], (self.batch_size,), generator=self.generator)
@@ -287,7 +309,7 @@ class CorpusBatches:
 
 
 def make_batches(recipe, tokenizer, seed):
-    return (ArithmeticBatches if recipe.data == "arithmetic" else CorpusBatches)(recipe, tokenizer, seed)
+    return (ArithmeticBatches if recipe.data in GENERATED_ITEMS else CorpusBatches)(recipe, tokenizer, seed)
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -434,7 +456,7 @@ def train_specialist(name, out_dir, steps=None, seed=0, progress=True):
         console.print(f"[bold]specialist {recipe.name}[/]: {recipe.family}, {recipe.tokenizer} tokenizer "
                       f"({len(tokenizer)} tokens), {params / 1e6:.2f}M params, {batches.description}")
         validate = None
-        if recipe.data == "arithmetic" and recipe.stop_exact_match is not None:
+        if recipe.data in GENERATED_ITEMS and recipe.stop_exact_match is not None:
             from nexus.training.specialist_competence import exact_match_validator
 
             validate = exact_match_validator(tokenizer, recipe, work_dir=tmp)

@@ -1,19 +1,20 @@
 """Where a capability's data comes from: a file, or a bundled source (``bundled:prose``, ``bundled:code``,
-``bundled:arithmetic``), read with errors that name the file and the line.
+``bundled:arithmetic``, ``bundled:reversal``), read with errors that name the file and the line.
 
 ``bundled:prose`` / ``bundled:code`` are the held-out slices shipped in ``nexus/conversion/data/`` (``bundled:prose:train``
 names the training slice). ``bundled:arithmetic`` is generated exact-match items from a fixed held-out seed that
-differs from any seed the specialists train on, so a specialist is never scored on its own training items.
+differs from any seed the specialists train on, so a specialist is never scored on its own training items;
+``bundled:reversal`` (digit strings written backwards) is generated the same way, from the same seed.
 """
 
 import json
 from pathlib import Path
 
-from ..corpora import CORPORA, arithmetic_items, corpus_path
+from ..corpora import CORPORA, GENERATED_ITEMS, corpus_path
 
 BUNDLED_PREFIX = "bundled:"
-BUNDLED_KINDS = {"prose": "text", "code": "text", "arithmetic": "jsonl"}
-ARITHMETIC_HELDOUT_SEED = 90_210
+BUNDLED_KINDS = {"prose": "text", "code": "text", **{name: "jsonl" for name in GENERATED_ITEMS}}
+ARITHMETIC_HELDOUT_SEED = 90_210  # the held-out seed and item count of every generated set (arithmetic, reversal)
 ARITHMETIC_ITEMS = 1000
 
 
@@ -76,7 +77,7 @@ def read_jsonl(data):
         name, _ = parse_bundled(data)
         if BUNDLED_KINDS[name] != "jsonl":
             raise ProbeDataError(f"{data} is plain text, not JSONL items")
-        items = arithmetic_items(ARITHMETIC_ITEMS, seed=ARITHMETIC_HELDOUT_SEED)
+        items = GENERATED_ITEMS[name](ARITHMETIC_ITEMS, seed=ARITHMETIC_HELDOUT_SEED)
         return list(enumerate(items, start=1)), data
     path = _existing_file(data)
     try:

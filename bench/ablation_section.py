@@ -1,0 +1,60 @@
+"""Ablation tables rendered from compare_methods JSON: one NIWT part switched at a time against NEXUS on the same
+items, the paired difference per capability and of the minimum (issue 17, item 5).
+
+Used by the size sweep's section (the Gemma case, per point) and by the localisation section (the demo specialists,
+``bench/results/compare-localisation/``)."""
+
+from pathlib import Path
+
+CAPABILITIES = ("prose", "code", "arithmetic")
+TITLE_LOCALISATION = "## 7. Localisation driving the student (demo specialists)"
+HEADER = ["point", "ablation", "min [95% CI]", *(f"Δ {c}" for c in CAPABILITIES), "Δ min", "verdict (min)"]
+INTRO = ("Ablation minus NEXUS at the same point, same items and resamples (a CI below 0: the part NEXUS runs helps, "
+         "or the switched-on option hurts; above 0: the switched-on option helps).")
+
+
+def ablation_rows(point, records, paired_delta, verdict, fmt_ci) -> tuple[list, list]:
+    """(table rows, "not measured" lines) of the ablation records among ``records`` at ``point``."""
+    nexus = records.get("nexus") if records.get("nexus", {}).get("status") == "done" else None
+    rows, not_run = [], []
+    for name, r in records.items():
+        if r.get("group") != "ablation":
+            continue
+        if r.get("status") != "done":
+            not_run.append(f"- {point} **{r.get('label', name)}**: {r.get('status')} — {r.get('reason', '')}")
+        elif nexus is not None:
+            d = paired_delta(r, nexus) or {}
+            rows.append([point, r.get("label", name), fmt_ci(r["min"]),
+                         *[fmt_ci(d.get("per_capability", {}).get(c), signed=True) for c in CAPABILITIES],
+                         fmt_ci(d.get("min"), signed=True), verdict(d.get("min"))])
+    return rows, not_run
+
+
+def ablation_lines(rows, not_run, md_table) -> list:
+    out = [INTRO, ""]
+    if rows:
+        out += [md_table(HEADER, rows)]
+    if not_run:
+        out += ["", "Not measured (with the reason):", "", *not_run]
+    return out
+
+
+def localisation_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table) -> list:
+    """The demo-specialist localisation ablations (`bench/compare_methods.py --scale bench --out FOLDER`)."""
+    records = load_compare(Path(folder)) if Path(folder).is_dir() else {}
+    nexus = records.get("nexus")
+    if not nexus or nexus.get("status") != "done":
+        name = Path(folder).name
+        return [f"No NEXUS run in `bench/results/{name}/` yet: run `python bench/compare_methods.py --scale bench "
+                f"--out bench/results/{name} --only nexus --only localisation_on --only preservation_critical`."]
+    rows, not_run = ablation_rows("demo", records, paired_delta, verdict, fmt_ci)
+    tr = nexus["train"]
+    return ([f"Generated from `{Path(folder).name}/*.json` (`python bench/compare_methods.py --scale bench --out "
+             f"bench/results/{Path(folder).name} --only nexus --only localisation_on --only preservation_critical "
+             "--only preservation_on`): the three demo specialists (prose, code, arithmetic), NEXUS at "
+             f"{nexus['params']['student']:,} params ({nexus['params']['ratio']:.3f} of the teachers), "
+             f"{tr['steps']} distill steps, {tr['tokens']:,} student training tokens; NEXUS min "
+             f"{fmt_ci(nexus['min'])}. 'localisation ON' adds the localise stage: the student build keeps the units "
+             "whose selection beat random units in the causal check; 'preservation ON, critical units' also "
+             "protects exactly those units while distilling.", ""]
+            + ablation_lines(rows, not_run, md_table))

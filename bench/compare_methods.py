@@ -389,7 +389,11 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
     if variant.localise:  # one feature map per run folder, shared by every variant that asks for it
         from nexus.conversion.localise import run_localise
 
-        memory.before("localise", profile=profile)
+        from nexus.conversion.peak_rss import current_rss
+        from nexus.conversion.stage_memory import plan_localise_ram
+
+        # the optional stage's planner is its Stage's (not in STAGE_RAM_PLANS, which lists the default pipeline)
+        memory.before("localise", plan=plan_localise_ram(recipe, current_rss() or 0, profile=profile))
         fm = run_localise(recipe, console=console, show_progress=show_progress)
         memory.after("localise", fm["_reused"])
         feature_map = Path(fm["_path"]) / "feature_map.json"

@@ -17,6 +17,7 @@ CAPABILITIES = ("prose", "code", "arithmetic")
 # issue 16's goals: point -> (minimum over the three capabilities, general text or None)
 GOALS = {"0.5": (0.97, 0.90), "0.25": (0.92, None)}
 TOKEN_FLOOR = 1_000_000  # student training tokens at the two larger points
+MEMORY_SLACK = 1.15  # measured peak within the planner's figure + 15%
 
 
 def _points(folder):
@@ -28,7 +29,7 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
     points = _points(folder)
     if not points:
         return [f"No size-sweep JSON in `{folder}`: run `python bench/size_sweep.py`."]
-    rows, deltas, goals, missing, ablations, ablations_not_run = [], [], [], [], [], []
+    rows, deltas, goals, missing, ablations, ablations_not_run, memory = [], [], [], [], [], [], []
     for point in points:
         records = load_compare(point)
         nexus = records.get("nexus") if records.get("nexus", {}).get("status") == "done" else None
@@ -38,6 +39,13 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
             if r.get("status") != "done":
                 missing.append(f"{point.name} {name}: {r.get('status')} ({r.get('reason', '')})")
                 continue
+            for stage in ("student_build", "distill"):
+                m = (r.get("memory") or {}).get(stage)
+                if m and m.get("planned_bytes") and m.get("measured_peak_bytes") and not m.get("reused"):
+                    ratio = m["measured_peak_bytes"] / m["planned_bytes"]
+                    memory.append([point.name, name, stage, f"{m['planned_bytes'] / 2**20:,.0f}",
+                                   f"{m['measured_peak_bytes'] / 2**20:,.0f}", f"{ratio:.3f}",
+                                   "within" if ratio <= MEMORY_SLACK else "**over**"])
             g = r.get("general_text")
             general = {"value": g["retention"], "ci": g["retention_ci"]} if g else None
             rows.append([point.name, name, f"{r['params']['student']:,} ({r['params']['ratio']:.3f})",
@@ -74,6 +82,11 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
                 md_table(["point", "method", "Δ min vs NEXUS [95% CI]", "verdict"], deltas)]
     if goals:
         out += ["", "Issue 16's goals:", "", md_table(["point", "goal", "NEXUS", ""], goals)]
+    if memory:
+        out += ["", f"Peak RSS of each stage against the plan made just before it (issue 16 item 5: within the plan "
+                    f"+{MEMORY_SLACK - 1:.0%}):", "",
+                md_table(["point", "method", "stage", "planned MiB", "measured peak MiB", "measured / plan", ""],
+                         memory)]
     if ablations or ablations_not_run:
         out += ["", "### Ablations on the Gemma case (issue 17, item 5): one NIWT part switched at a time", "",
                 *ablation_lines(ablations, ablations_not_run, md_table)]

@@ -222,3 +222,17 @@ def test_the_recipe_less_export_plan_reads_the_checkpoint_headers(imported_stude
     assert plan["total_bytes"] == 8 * numel(imported_student)
     assert export_ram_budget() == (machine_ram_bytes(), "the machine's total RAM")
     assert export_ram_budget(0.5) == (2**29, "--ram-gb 0.5 GiB")
+
+
+def test_a_dense_build_plans_the_shared_tokenizer_it_loads(two_teachers, tmp_path):  # noqa: F811
+    """layout dense loads no teacher weights, but it does load a teacher's tokenizer (Gemma's 262k entries made the
+    measured peak 1.84x a plan without it): the plan carries its load peak."""
+    from nexus.conversion.stage_memory import plan_student_build_ram, tokenizer_bytes
+
+    path = consolidate_recipe_file(two_teachers, tmp_path, steps=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"]["student_build"].update(layout="dense", init="random", embedding_init="random")
+    path.write_text(yaml.safe_dump(raw))
+    plan = plan_student_build_ram(load_recipe(path), 0)
+    assert plan["components"]["tokenizer_load"] == max(tokenizer_bytes(f)["load_peak"] for f in two_teachers.values())
+    assert "teacher_fp32" not in plan["components"]

@@ -93,5 +93,8 @@ def test_the_dense_build_is_planned_without_a_teacher_load(two_teachers, tmp_pat
     recipe.stages["student_build"] = type(options).model_validate(options.model_dump())
     dense = plan_student_build_ram(recipe, 0, profile=PROFILE)
     budget = dense["assumptions"]["student_budget_params"]
-    assert dense["components"] == {"runtime": 0, "student_fp32": 4 * budget}
+    from nexus.conversion.memory_plan import tokenizer_bytes
+
+    tokenizer_peak = max(tokenizer_bytes(f)["load_peak"] for f in two_teachers.values())
+    assert dense["components"] == {"runtime": 0, "student_fp32": 4 * budget, "tokenizer_load": tokenizer_peak}
     assert "teacher_fp32" in towers["components"] and towers["total_bytes"] > dense["total_bytes"]

@@ -3,6 +3,7 @@ several fractions of the tower teachers' parameters, NEXUS and the baselines on 
 
     python bench/size_sweep.py                                  # every point, NEXUS and the baselines
     python bench/size_sweep.py --points 0.25 --methods nexus    # one arm
+    python bench/size_sweep.py --points 0.25 --methods nexus --long   # the issue's >= 1M-token budget
     python bench/size_sweep.py --plot-only                      # re-read the JSON, redraw the plot
 
 Each point is `bench/compare_methods.py` on `recipes/size_sweep.yaml` with that point's ``budget_fraction`` and
@@ -21,6 +22,10 @@ Writes one JSON per point and method under ``bench/results/size_sweep/<point>/``
 ``general_text``), the summary ``bench/results/size_sweep.json`` and the plot ``bench/RESULTS_size_sweep.png``
 (retention vs parameters: the minimum over the three capabilities per method, and NEXUS per capability, with 95%
 CIs). A finished (point, method) is reused unless ``--force``; stage folders under ``bench/out/size-sweep-runs/``.
+
+``--long`` runs the arm with ``LONG_STEPS`` distill steps (issue 16's budget: >= 1M student training tokens at the two
+larger points; each run records the tokens it saw) into ``bench/results/size_sweep/<point>/long/``, beside the
+default-budget runs, so paired comparisons stay between runs of one budget.
 """
 
 import argparse
@@ -56,25 +61,34 @@ POINTS = {
 }
 
 
-def scale_name(point):
-    return f"sweep-{point:g}"
+LONG_STEPS = 700  # ~1.04M training tokens on size_sweep.yaml (1,490.6 tokens per step measured at every point)
+LONG = "long"  # sub-folder of a point holding its long-budget runs
 
 
-def register_point(point, steps):
-    compare_methods.SCALES[scale_name(point)] = {
-        "recipe": RECIPE, "steps": steps, "out": OUT / f"{point:g}", "runs": RUNS / f"{point:g}",
+def scale_name(point, long=False):
+    return f"sweep-{point:g}" + ("-long" if long else "")
+
+
+def point_folder(point, long=False):
+    return OUT / f"{point:g}" / (LONG if long else "")
+
+
+def register_point(point, steps, long=False):
+    compare_methods.SCALES[scale_name(point, long)] = {
+        "recipe": RECIPE, "steps": steps, "out": point_folder(point, long),
+        "runs": RUNS / (f"{point:g}-{LONG}" if long else f"{point:g}"),
         "groups": ("nexus", "baseline", "ablation"), "overrides": {"student_build": POINTS[point]["student_build"]}}
 
 
-def add_general_text(point, method, force=False):
+def add_general_text(point, method, force=False, long=False):
     """Score the (point, method) student on general text (once) and store it in its JSON."""
-    path = OUT / f"{point:g}" / f"{method}.json"
+    path = point_folder(point, long) / f"{method}.json"
     record = json.loads(path.read_text())
     if record.get("status") != "done" or (record.get("general_text") and not force):
         return record
     from nexus.conversion.recipe import validate_recipe
 
-    raw = compare_methods.recipe_file_raw(RECIPE, RUNS / f"{point:g}")
+    raw = compare_methods.recipe_file_raw(RECIPE, compare_methods.SCALES[scale_name(point, long)]["runs"])
     teacher = compare_methods.recipe_teacher_folders(validate_recipe(raw, base_dir=RUNS))[BASE_TEACHER]
     record["general_text"] = general_text_retention(record["paths"]["student"], teacher, scratch=RUNS)
     with atomic_file(path) as tmp:
@@ -83,10 +97,10 @@ def add_general_text(point, method, force=False):
 
 
 def summary():
-    """{point: {method: figures}} from every per-point JSON on disk."""
+    """{point: {method: figures}} from every per-point JSON on disk; long-budget runs as ``<method>@long``."""
     out = {}
     for folder in sorted(OUT.glob("*"), key=lambda p: float(p.name)):
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted(folder.glob("*.json")) + sorted((folder / LONG).glob("*.json")):
             r = json.loads(path.read_text())
             entry = {"status": r.get("status"), "reason": r.get("reason")}
             if r.get("status") == "done":
@@ -102,7 +116,8 @@ def summary():
                                      if g else None),
                     "train": {k: r["train"][k] for k in ("steps", "tokens", "wall_seconds")},
                     "router_accuracy": r.get("router_accuracy")})
-            out.setdefault(folder.name, {})[r["variant"]] = entry
+            key = r["variant"] + (f"@{LONG}" if path.parent.name == LONG else "")
+            out.setdefault(folder.name, {})[key] = entry
     return out
 
 
@@ -113,8 +128,8 @@ def plot(data, path):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    markers = dict(zip(METHODS, "os^vDP"))
-    for method in METHODS:  # the ablations are a table, not lines on this plot
+    markers = dict(zip(METHODS + (f"nexus@{LONG}",), "os^vDP*"))
+    for method in markers:  # the ablations are a table, not lines on this plot
         pts = [(e["params_ratio"], e["min"]["value"], e["min"]["ci"]) for p in data.values()
                for m, e in p.items() if m == method and e["status"] == "done"]
         if not pts:
@@ -123,7 +138,8 @@ def plot(data, path):
         x = [p[0] for p in pts]
         y = [p[1] for p in pts]
         err = [[max(0.0, p[1] - p[2][0]) for p in pts], [max(0.0, p[2][1] - p[1]) for p in pts]]
-        left.errorbar(x, y, yerr=err, marker=markers[method], capsize=3, label=method)
+        label = f"nexus, {LONG_STEPS} steps" if method == f"nexus@{LONG}" else method
+        left.errorbar(x, y, yerr=err, marker=markers[method], capsize=3, label=label)
     left.set(xlabel="student parameters / teachers' parameters", ylabel="minimum retention (prose, code, arithmetic)",
              title="minimum retention vs size (95% CI)", ylim=(-0.05, 1.1))
     left.axhline(0, color="grey", lw=0.5)
@@ -161,6 +177,8 @@ def main():
                         help="compare_methods variants: the baselines (default: all of them) or the ablations "
                              f"({', '.join(ABLATIONS)})")
     parser.add_argument("--steps", type=int, default=None, help="distill steps at every point (default: POINTS)")
+    parser.add_argument("--long", action="store_true",
+                        help=f"the >= 1M-token budget: {LONG_STEPS} steps, results under <point>/{LONG}/")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -172,13 +190,14 @@ def main():
         from rich.console import Console
 
         for point in args.points:
-            steps = args.steps or POINTS[point]["steps"]
-            register_point(point, steps)
-            compare_methods.run_comparison(scale_name(point), only=args.methods, force=args.force, steps=steps,
-                                           console=Console(width=200), show_progress=not args.no_progress)
+            steps = args.steps or (LONG_STEPS if args.long else POINTS[point]["steps"])
+            register_point(point, steps, args.long)
+            compare_methods.run_comparison(scale_name(point, args.long), only=args.methods, force=args.force,
+                                           steps=steps, console=Console(width=200),
+                                           show_progress=not args.no_progress)
             for method in args.methods:
-                if (OUT / f"{point:g}" / f"{method}.json").is_file():
-                    add_general_text(point, method, force=args.force)
+                if (point_folder(point, args.long) / f"{method}.json").is_file():
+                    add_general_text(point, method, force=args.force, long=args.long)
     data = summary()
     with atomic_file(SUMMARY) as tmp:
         tmp.write_text(json.dumps({"schema": "nexus.bench.size_sweep/1", "points": data}, indent=1, allow_nan=False))

@@ -1,7 +1,7 @@
 """The RESULTS.md section of the size sweep (issue 16), rendered from the committed JSON alone.
 
-Reads ``bench/results/size_sweep/<point>/<method>.json`` (compare_methods' format, with ``general_text``): one row
-per point and method (parameters, training tokens, retention per capability with CIs, minimum, general text), the
+Reads ``bench/results/size_sweep/<point>/<method>.json`` (compare_methods' format, with ``general_text``) and the
+long-budget runs in ``<point>/long/`` (``size_sweep.py --long``, shown as ``<method> (long)``): one row per point and method (parameters, training tokens, retention per capability with CIs, minimum, general text), the
 paired difference of each baseline's minimum from NEXUS's at the same point (same items, same resamples), and the
 issue's goals with the measured figure beside each.
 
@@ -32,32 +32,38 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
     rows, deltas, goals, missing, ablations, ablations_not_run, memory = [], [], [], [], [], [], []
     for point in points:
         records = load_compare(point)
-        nexus = records.get("nexus") if records.get("nexus", {}).get("status") == "done" else None
-        for name, r in records.items():
+        long_records = load_compare(point / "long")
+        nexus, long_nexus = (rs.get("nexus") if rs.get("nexus", {}).get("status") == "done" else None
+                             for rs in (records, long_records))
+        runs = [(n, r, "") for n, r in records.items()] + [(n, r, " (long)") for n, r in long_records.items()]
+        for name, r, budget in runs:
+            reference = long_nexus if budget else nexus
             if r.get("group") == "ablation":
                 continue
             if r.get("status") != "done":
-                missing.append(f"{point.name} {name}: {r.get('status')} ({r.get('reason', '')})")
+                missing.append(f"{point.name} {name}{budget}: {r.get('status')} ({r.get('reason', '')})")
                 continue
             for stage in ("student_build", "distill"):
                 m = (r.get("memory") or {}).get(stage)
                 if m and m.get("planned_bytes") and m.get("measured_peak_bytes") and not m.get("reused"):
                     ratio = m["measured_peak_bytes"] / m["planned_bytes"]
-                    memory.append([point.name, name, stage, f"{m['planned_bytes'] / 2**20:,.0f}",
+                    memory.append([point.name, name + budget, stage, f"{m['planned_bytes'] / 2**20:,.0f}",
                                    f"{m['measured_peak_bytes'] / 2**20:,.0f}", f"{ratio:.3f}",
                                    "within" if ratio <= MEMORY_SLACK else "**over**"])
             g = r.get("general_text")
             general = {"value": g["retention"], "ci": g["retention_ci"]} if g else None
-            rows.append([point.name, name, f"{r['params']['student']:,} ({r['params']['ratio']:.3f})",
+            rows.append([point.name, name + budget, f"{r['params']['student']:,} ({r['params']['ratio']:.3f})",
                          f"{r['train']['tokens']:,} ({r['train']['steps']} steps)",
                          *[fmt_ci(r["retention"].get(c)) for c in CAPABILITIES], fmt_ci(r["min"]),
                          fmt_ci(general) if general else "not scored"])
-            if nexus is not None and name != "nexus":
-                d = paired_delta(r, nexus)
-                deltas.append([point.name, name, fmt_ci(d and d["min"], signed=True), verdict(d and d["min"])])
+            if reference is not None and name != "nexus":
+                d = paired_delta(r, reference)
+                deltas.append([point.name, name + budget, fmt_ci(d and d["min"], signed=True), verdict(d and d["min"])])
         rows_a, not_run_a = ablation_rows(point.name, records, paired_delta, verdict, fmt_ci)
         ablations += rows_a
         ablations_not_run += not_run_a
+        if long_nexus is not None and (nexus is None or long_nexus["train"]["tokens"] > nexus["train"]["tokens"]):
+            nexus = long_nexus  # the goals are read off the run with the most training tokens
         if nexus is not None and point.name in GOALS:
             floor, general_floor = GOALS[point.name]
             m = nexus["min"]

@@ -171,6 +171,17 @@ def test_only_the_size_sweep_section_is_rewritten_from_its_json(compared, tmp_pa
     assert "| 0.25 | min ≥ 0.92 | " + results.fmt_ci(nexus["min"]) + " |" in text  # the goal at that point, with the measured minimum
     delta = results.paired_delta(_record(root, "fusellm_dense_kd"), nexus)
     assert f"| 0.25 | fusellm_dense_kd | {results.fmt_ci(delta['min'], signed=True)} |" in text
+    # a long-budget run (size_sweep.py --long) is a row of its own, and the goals are read off it (more tokens)
+    long = dict(nexus, train=dict(nexus["train"], steps=700, tokens=1_040_000),
+                min={"value": 0.5, "ci": [0.4, 0.6]})
+    (point / "long").mkdir()
+    (point / "long" / "nexus.json").write_text(json.dumps(long))
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    text = md.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 0.25 | nexus (long) |"))
+    assert "1,040,000 (700 steps)" in row
+    assert "| 0.25 | min ≥ 0.92 | 0.500 [0.400, 0.600] | **missed** |" in text
+    assert "| 0.25 | train tokens ≥ 1,000,000 | 1,040,000 | met |" in text
     # a second section appended when absent, the first kept
     md.write_text("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n")
     results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])

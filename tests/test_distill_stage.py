@@ -237,3 +237,17 @@ def consolidate_recipe_file(teachers, root, steps, **validate):
     root.mkdir(parents=True, exist_ok=True)
     (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
     return root / "recipe.yaml"
+
+
+def test_a_top_k_above_a_teachers_vocabulary_caches_its_whole_distribution(built, two_teachers, tmp_path):
+    """top_k 200: llama_char has 97 tokens, so its cache keeps all 97 logits (exact) instead of failing; qwen_bpe
+    (320 tokens) keeps 200."""
+    _, init, _ = built
+    recipe = make_recipe(two_teachers, tmp_path / "run", top_k=200, steps=1, checkpoint_every=1)
+    summary = run_distill(recipe, init, profile=PROFILE, out=tmp_path / "distill", show_progress=False)
+    k = {key: entry["top_k"] for key, entry in summary["caches"].items() if "top_k" in entry}
+    assert k == {"llama_char--prose": 97, "qwen_bpe--code": 200}
+    from nexus.training.teacher_cache import open_teacher_cache
+
+    cache = open_teacher_cache(summary["caches"]["llama_char--prose"]["train_cache"]["path"])
+    assert cache.manifest["settings"]["k"] == 97

@@ -84,7 +84,8 @@ class DistillOptions(BaseModel):
         "auto", description="teachers not in `alignment`: auto = identity when the vocabulary is the student's, "
                             "else token_aligned")
     teachers_per_capability: int = Field(1, ge=1, description="distil each capability from its n best teachers")
-    top_k: int = Field(32, ge=1, description="teacher logits kept per token in the cache")
+    top_k: int = Field(32, ge=1, description="teacher logits kept per token in the cache (a teacher with fewer tokens keeps "
+                                                  "its whole distribution)")
     train_data: dict[str, str] = Field(
         default_factory=dict, description="per capability: its training source (default: the bundled train split "
                                           "or generated arithmetic items; required for other data)")
@@ -584,8 +585,14 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
                             from transformers import AutoConfig
 
                             cfg = AutoConfig.from_pretrained(folders[teacher])
+                            cfg = getattr(cfg, "text_config", None) or cfg
                             max_len = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
-                        settings = CacheSettings(k=options.top_k, max_length=max_len, tokens_per_shard=16384)
+                            top_k = min(options.top_k, int(getattr(cfg, "vocab_size", 0) or options.top_k))
+                            if top_k < options.top_k:  # a teacher this small: its top-k is its whole distribution
+                                console.print(f"  {teacher}: top_k {options.top_k} is more than its {top_k}-token "
+                                              f"vocabulary; its whole distribution ({top_k} logits) is cached")
+                        entry["top_k"] = top_k
+                        settings = CacheSettings(k=top_k, max_length=max_len, tokens_per_shard=16384)
                         path = out / "caches" / f"{teacher}--{cap}--{part}"
                         cache = build_teacher_cache(path, loader, source.chunks, tokenizer=t_tok, settings=settings,
                                                     teacher_fingerprint=_files_fingerprint(folders[teacher]),

@@ -84,8 +84,8 @@ class DistillOptions(BaseModel):
         "auto", description="teachers not in `alignment`: auto = identity when the vocabulary is the student's, "
                             "else token_aligned")
     teachers_per_capability: int = Field(1, ge=1, description="distil each capability from its n best teachers")
-    top_k: int = Field(32, ge=1, description="teacher logits kept per token in the cache (a teacher with fewer tokens keeps "
-                                                  "its whole distribution)")
+    top_k: int = Field(32, ge=1, description="teacher logits kept per token in the cache (a teacher with fewer "
+                                             "tokens keeps its whole distribution)")
     train_data: dict[str, str] = Field(
         default_factory=dict, description="per capability: its training source (default: the bundled train split "
                                           "or generated arithmetic items; required for other data)")

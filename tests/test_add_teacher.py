@@ -129,3 +129,29 @@ def test_a_modified_student_is_refused_and_the_cli_prints_one_line(student, tmp_
     result = CliRunner().invoke(app, ["add-teacher", str(folder), str(bad), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "bad.yaml" in result.output and "add_teacher.tower_budget" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_replace_hands_an_existing_capability_to_the_new_teacher(student, tmp_path):
+    """--replace: code leaves qwen_bpe's tower (emptied, so it goes), gemma_char's new tower serves it; prose's
+    tower and the shared rows stay bit-identical, and the proof reports prose before and after."""
+    root, folder = student
+    frag = fragment(root, caps=[{"name": "code", "probe": "lm", "data": "bundled:code",
+                                 "require_competent_teacher": False}], name="replace.yaml")
+    report = add_teacher(folder, frag, tmp_path / "out", replace=True, show_progress=False)
+    assert report["replaced"] == ["code"] and set(report["new_capabilities"]) == {"code"}
+    assert report["capability_to_tower"] == {"prose": 0, "code": 1}
+    model = NexusForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert [t["name"] for t in model.config.towers] == ["llama_char", "gemma_char"]
+    before, after = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, value in before.items():  # prose's tower and the shared embedding exactly as they were
+        if key.startswith("model.towers.0.") or key.startswith("model.embed_tokens"):
+            assert torch.equal(after[key], value), key
+    proof = report["proof"]
+    assert proof["tensors"]["all_equal"] and set(proof["retention"]) == {"prose"} and set(proof["router"]) == {"prose"}
+    # one old tower left, so the router was refitted (not grown by a row): prose windows may route differently, and
+    # the proof says whether prose's score stayed within its CI rather than assuming it
+    assert "refit" in proof["router_tensors"]
+    assert proof["passed"] == (proof["retention"]["prose"]["unchanged_within_ci"]
+                               and proof["router"]["prose"]["not_below_before_ci"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 5, 9]]), capability="code").logits).all()

@@ -1,7 +1,8 @@
 """The RESULTS.md section of the size sweep (issue 16), rendered from the committed JSON alone.
 
 Reads ``bench/results/size_sweep/<point>/<method>.json`` (compare_methods' format, with ``general_text``) and the
-long-budget runs in ``<point>/long/`` (``size_sweep.py --long``, shown as ``<method> (long)``): one row per point and method (parameters, training tokens, retention per capability with CIs, minimum, general text), the
+long-budget runs in ``<point>/long/`` (``size_sweep.py --long``, shown as ``<method> (long)``): one row per point and
+method (parameters, training tokens, retention per capability with CIs, minimum, general text), the
 paired difference of each baseline's minimum from NEXUS's at the same point (same items, same resamples), and the
 issue's goals with the measured figure beside each.
 

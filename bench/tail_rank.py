@@ -27,7 +27,13 @@ from paths import RESULTS  # noqa: E402
 from nexus.conversion.atomic_output import atomic_file  # noqa: E402
 from nexus.conversion.probes.base import ProbeSettings  # noqa: E402
 from nexus.conversion.probes.lm import LMProbe  # noqa: E402
-from nexus.conversion.retention import item_rows, percentile_ci, resample_indices, retention_samples, retention_value  # noqa: E402,E501
+from nexus.conversion.retention import (  # noqa: E402
+    item_rows,
+    percentile_ci,
+    resample_indices,
+    retention_samples,
+    retention_value,
+)
 from nexus.conversion.teacher_source import load_teacher  # noqa: E402
 
 

@@ -75,19 +75,29 @@ def _ci(samples):
     return percentile_ci(samples)
 
 
+TEACHER_ROWS_RTOL = 1e-4
+
+
+def same_teacher_rows(a, b) -> bool:
+    """The same items scored by the same teacher: equal shapes, values within TEACHER_ROWS_RTOL."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=TEACHER_ROWS_RTOL, atol=0.0))
+
+
 def paired_delta(variant: dict, nexus: dict) -> dict | None:
     """Variant minus NEXUS retention per capability, and of the minimum and the mean, with paired bootstrap CIs.
 
     The same items and resample indices serve both students (the bootstrap seed and the teacher rows must match, else
-    None: they were not validated on the same items)."""
+    None: they were not validated on the same items). Teacher rows match within TEACHER_ROWS_RTOL: the teacher scored
+    in two runs (bf16 autocast) differs in the last digits on the same items."""
     caps = [c for c in nexus["items"] if c in variant["items"]]
     if not caps:
         return None
     per, v_stack, n_stack = {}, [], []
     for cap in caps:
         a, b = variant["items"][cap], nexus["items"][cap]
-        if (a["bootstrap_seed"], a["n_bootstrap"], a["teacher_rows"], a["metric"]) != \
-                (b["bootstrap_seed"], b["n_bootstrap"], b["teacher_rows"], b["metric"]):
+        if (a["bootstrap_seed"], a["n_bootstrap"], a["metric"]) != (b["bootstrap_seed"], b["n_bootstrap"], b["metric"]) \
+                or not same_teacher_rows(a["teacher_rows"], b["teacher_rows"]):
             return None
         va, vb = _retention_samples(a), _retention_samples(b)
         value = variant["retention"][cap]["value"], nexus["retention"][cap]["value"]

@@ -31,6 +31,7 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
     if not points:
         return [f"No size-sweep JSON in `{folder}`: run `python bench/size_sweep.py`."]
     rows, deltas, goals, missing, ablations, ablations_not_run, memory = [], [], [], [], [], [], []
+    budgets = []  # NEXUS at the long budget minus NEXUS at the default one, same items
     for point in points:
         records = load_compare(point)
         long_records = load_compare(point / "long")
@@ -63,6 +64,13 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
         rows_a, not_run_a = ablation_rows(point.name, records, paired_delta, verdict, fmt_ci)
         ablations += rows_a
         ablations_not_run += not_run_a
+        if long_nexus is not None and nexus is not None:
+            d = paired_delta(long_nexus, nexus)
+            budgets.append([point.name, f"{long_nexus['train']['tokens']:,} vs {nexus['train']['tokens']:,}",
+                            *[fmt_ci(d and d["per_capability"].get(c), signed=True) for c in CAPABILITIES],
+                            fmt_ci(d and d["min"], signed=True),
+                            {"**NEXUS better**": "**long worse**", "**NEXUS worse**": "**long better**"}.get(
+                                verdict(d and d["min"]), verdict(d and d["min"]))])
         if long_nexus is not None and (nexus is None or long_nexus["train"]["tokens"] > nexus["train"]["tokens"]):
             nexus = long_nexus  # the goals are read off the run with the most training tokens
         if nexus is not None and point.name in GOALS:
@@ -87,6 +95,9 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
     if deltas:
         out += ["", "Baseline minus NEXUS, minimum retention, same items and resamples:", "",
                 md_table(["point", "method", "Δ min vs NEXUS [95% CI]", "verdict"], deltas)]
+    if budgets:
+        out += ["", "NEXUS at the long budget minus NEXUS at the default budget (same items and resamples):", "",
+                md_table(["point", "train tokens", *[f"Δ {c}" for c in CAPABILITIES], "Δ min", "verdict"], budgets)]
     if goals:
         out += ["", "Issue 16's goals:", "", md_table(["point", "goal", "NEXUS", ""], goals)]
     if memory:

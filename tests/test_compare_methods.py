@@ -219,3 +219,22 @@ def test_sweep_ablations_and_the_claims_table_come_from_the_json(compared, tmp_p
     assert results.fmt_ci(effect, signed=True) in lmc
     # a claim whose runs are missing says so instead of a figure
     assert "| traditional KD loses 15–20% | – | the runs it needs are not in the sweep yet | not measured |" in claims
+
+
+def test_paired_deltas_accept_teacher_rows_equal_to_float_noise_only(compared):
+    """Two runs that scored the teacher separately (bf16) differ in the last digits on the same items: still paired;
+    rows that differ more are other items, so no paired difference is claimed."""
+    _, root, _, _ = compared
+    results = _load("results")
+    nexus = _record(root, "nexus")
+
+    def scaled(factor):
+        record = json.loads(json.dumps(nexus))
+        for block in record["items"].values():
+            block["teacher_rows"] = [[v * factor if isinstance(v, float) else v for v in row] if isinstance(row, list)
+                                     else row * factor for row in block["teacher_rows"]]
+        return record
+
+    close = results.paired_delta(scaled(1 + 1e-6), nexus)
+    assert close is not None and set(close["per_capability"]) <= set(nexus["retention"])
+    assert results.paired_delta(scaled(1 + 1e-2), nexus) is None

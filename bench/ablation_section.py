@@ -9,6 +9,7 @@ from pathlib import Path
 CAPABILITIES = ("prose", "code", "arithmetic")
 TITLE_LOCALISATION = "## 7. Localisation driving the student (demo specialists)"
 HEADER = ["point", "ablation", "min [95% CI]", *(f"Δ {c}" for c in CAPABILITIES), "Δ min", "verdict (min)"]
+UNPAIRED = "not paired with this NEXUS run (another base recipe or other items): re-run it"
 INTRO = ("Ablation minus NEXUS at the same point, same items and resamples (a CI below 0: the part NEXUS runs helps, "
          "or the switched-on option hurts; above 0: the switched-on option helps).")
 
@@ -23,10 +24,10 @@ def ablation_rows(point, records, paired_delta, verdict, fmt_ci) -> tuple[list, 
         if r.get("status") != "done":
             not_run.append(f"- {point} **{r.get('label', name)}**: {r.get('status')} — {r.get('reason', '')}")
         elif nexus is not None:
-            d = paired_delta(r, nexus) or {}
+            d = paired_delta(r, nexus)
             rows.append([point, r.get("label", name), fmt_ci(r["min"]),
-                         *[fmt_ci(d.get("per_capability", {}).get(c), signed=True) for c in CAPABILITIES],
-                         fmt_ci(d.get("min"), signed=True), verdict(d.get("min"))])
+                         *[fmt_ci((d or {}).get("per_capability", {}).get(c), signed=True) for c in CAPABILITIES],
+                         fmt_ci((d or {}).get("min"), signed=True), verdict(d["min"]) if d else UNPAIRED])
     return rows, not_run
 
 

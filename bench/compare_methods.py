@@ -43,6 +43,7 @@ reports) in ``bench/out/compare-runs/<scale>/``, not tracked. A JSON names its r
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -113,8 +114,9 @@ RANDOM_INIT = {"init": "random", "embedding_init": "random"}
 for _v in (
     Variant("nexus", "nexus", "NEXUS (all stages the demo runs)",
             "one tower per capability from its best teacher, compressed with the capability scorer (gradient-Taylor "
-            "+ activation on the capability's training text), dynamic per-layer widths, shared embedding rows from "
-            "the teachers; token-aligned KD + CE + router; LMC init -> distilled"),
+            "+ activation on the capability's training text), per-layer widths as the recipe says (auto: the "
+            "widths and scorer mix with the lowest held-aside loss), shared embedding rows from the teachers; "
+            "token-aligned KD + CE + router; LMC init -> distilled"),
     Variant("random_init_kd", "baseline", "(a) KD into a random-init student of the same shape",
             "NEXUS's exact student shape (towers, widths, router), every weight randomly initialised; the same KD",
             student_build=RANDOM_INIT),
@@ -145,6 +147,10 @@ for _v in (
     Variant("no_dynamic_allocation", "ablation", "dynamic weight budgeting off (uniform widths)",
             "the capability scorer with allocation uniform (every layer keeps the same fraction)",
             student_build={"allocation": "uniform"}),
+    Variant("no_allocation_selection", "ablation", "allocation selection off (dynamic widths, configured mix)",
+            "the capability scorer's configured mix (Taylor + activation) with dynamic widths (global ranking), "
+            "instead of the candidate with the lowest held-aside loss",
+            student_build={"allocation": "dynamic"}),
     Variant("no_teacher_embedding", "ablation", "shared embedding from the teachers off (random rows)",
             "towers from the teachers as NEXUS, but the shared embedding randomly initialised",
             student_build={"embedding_init": "random"}),
@@ -246,6 +252,16 @@ def base_raw_recipe(teachers: dict, run_dir: Path, scale: str, steps: int) -> di
     raw["stages"]["distill"]["checkpoint_every"] = max(1, min(raw["stages"]["distill"]["checkpoint_every"], steps))
     raw["stages"]["validate"]["cka"] = False
     return raw
+
+
+def base_recipe_sha256(base_raw: dict) -> str:
+    """The base recipe (every variant's before its switches) as a hash, without the run folder and the distill step
+    count (each record states its own steps and tokens; a longer budget is a comparison, see size_sweep --long): two
+    records are compared item by item only when they were built from the same base recipe (`results.paired_delta`)."""
+    body = copy.deepcopy({k: v for k, v in base_raw.items() if k != "run_dir"})
+    for key in ("steps", "checkpoint_every"):
+        body.get("stages", {}).get("distill", {}).pop(key, None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def recipe_file_raw(path: Path, run_dir: Path) -> dict:
@@ -516,6 +532,7 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
     steps = steps or SCALES[scale]["steps"]
     teachers = specialist_folders(scale, teachers_dir, run_dir, show_progress)
     base_raw = base_raw_recipe(teachers, run_dir, scale, steps)
+    base_sha = base_recipe_sha256(base_raw)
     console.rule(f"[bold]profile (shared by every variant), scale {scale}")
     base_recipe = validate_recipe(base_raw, base_dir=run_dir)
     profile = run_profile(base_recipe, console=console, show_progress=show_progress)
@@ -530,12 +547,13 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
         if path.is_file() and not force:
             previous = json.loads(path.read_text())
             same = previous.get("scale") == scale and (not runs_it or previous.get("status") == "not_feasible"
-                                                       or previous.get("train", {}).get("steps") == steps)
+                                                       or (previous.get("train", {}).get("steps") == steps
+                                                           and previous.get("base_recipe_sha256") == base_sha))
             if same:
                 results[name] = previous
                 console.print(f"[dim]{name}: {path} exists, skipped (--force reruns it)[/]")
                 continue
-            console.print(f"[yellow]{name}: {path} is from another scale or step count: rerun[/]")
+            console.print(f"[yellow]{name}: {path} is from another scale, step count or base recipe: rerun[/]")
         if not runs_it:
             body = not_run_body(variant, teachers)
             write_variant_json(out, variant, order, scale, body)
@@ -552,6 +570,7 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
             results[name] = body
             console.print(f"[yellow]{name}: not feasible: {exc}[/]")
             continue
+        body["base_recipe_sha256"] = base_sha
         write_variant_json(out, variant, order, scale, body)
         results[name] = body
         m = body["min"]

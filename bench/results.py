@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py, also when a test loads this by file path
 from paths import RESULTS  # noqa: E402
 import ablation_section as ablation_md  # noqa: E402
+import allocation_proxy_section as proxy_md  # noqa: E402
 import claims_section as claims_md  # noqa: E402
 import size_sweep_section as size_sweep_md  # noqa: E402
 
@@ -84,12 +85,26 @@ def same_teacher_rows(a, b) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=TEACHER_ROWS_RTOL, atol=0.0))
 
 
+def unpaired_reason(a: dict, b: dict) -> str | None:
+    """Why two records must not be compared item by item (None: they may): built from different base recipes
+    (`compare_methods.base_recipe_sha256`; records from before the hash was recorded carry none, and pair only with
+    each other)."""
+    ha, hb = a.get("base_recipe_sha256"), b.get("base_recipe_sha256")
+    if ha != hb:
+        return ("built from another base recipe: re-run" if ha and hb else
+                "one run predates the current base recipe: re-run it")
+    return None
+
+
 def paired_delta(variant: dict, nexus: dict) -> dict | None:
     """Variant minus NEXUS retention per capability, and of the minimum and the mean, with paired bootstrap CIs.
 
     The same items and resample indices serve both students (the bootstrap seed and the teacher rows must match, else
-    None: they were not validated on the same items). Teacher rows match within TEACHER_ROWS_RTOL: the teacher scored
+    None: they were not validated on the same items), and both come from one base recipe (`unpaired_reason`).
+    Teacher rows match within TEACHER_ROWS_RTOL: the teacher scored
     in two runs (bf16 autocast) differs in the last digits on the same items."""
+    if unpaired_reason(variant, nexus):
+        return None
     caps = [c for c in nexus["items"] if c in variant["items"]]
     if not caps:
         return None
@@ -479,6 +494,8 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
     parts += ["", size_sweep_md.TITLE, "", *sweep_lines(Path(out_dir))]
     parts += ["", claims_md.TITLE, "", *claims_lines(Path(out_dir))]
     parts += ["", ablation_md.TITLE_LOCALISATION, "", *localisation_lines(Path(out_dir))]
+    parts += ["", proxy_md.TITLE, "", *proxy_md.allocation_proxy_section(Path(out_dir) / "allocation_proxy.json",
+                                                                         fmt_ci, md_table)]
     text = "\n".join(parts) + "\n"
     from nexus.conversion.atomic_output import atomic_file
 
@@ -526,13 +543,16 @@ def main(argv=None):
     parser.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
     parser.add_argument("--committed-sections", action="store_true",
-                        help="rewrite only §5 (size sweep), §6 (claims) and §7 (localisation), the sections whose JSON is "
-                             "committed, in --md (the other sections' JSON may not be on this machine)")
+                        help="rewrite only §5 (size sweep), §6 (claims), §7 (localisation) and §8 (allocation "
+                             "proxy), the sections whose JSON is committed, in --md (the other sections' JSON may not "
+                             "be on this machine)")
     args = parser.parse_args(argv)
     if args.committed_sections:
         replace_section(args.md, size_sweep_md.TITLE, sweep_lines(args.out_dir))
         replace_section(args.md, claims_md.TITLE, claims_lines(args.out_dir))
-        text = replace_section(args.md, ablation_md.TITLE_LOCALISATION, localisation_lines(args.out_dir))
+        replace_section(args.md, ablation_md.TITLE_LOCALISATION, localisation_lines(args.out_dir))
+        text = replace_section(args.md, proxy_md.TITLE, proxy_md.allocation_proxy_section(
+            args.out_dir / "allocation_proxy.json", fmt_ci, md_table))
         print(text)
         return text
     png = args.png or args.md.with_name("RESULTS_retention.png")

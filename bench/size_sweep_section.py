@@ -11,7 +11,7 @@ issue's goals with the measured figure beside each.
 
 from pathlib import Path
 
-from ablation_section import ablation_lines, ablation_rows
+from ablation_section import UNPAIRED, ablation_lines, ablation_rows
 
 TITLE = "## 5. Size sweep: Gemma-3-270M + the arithmetic and code specialists"
 CAPABILITIES = ("prose", "code", "arithmetic")
@@ -60,19 +60,26 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
                          fmt_ci(general) if general else "not scored"])
             if reference is not None and name != "nexus":
                 d = paired_delta(r, reference)
-                deltas.append([point.name, name + budget, fmt_ci(d and d["min"], signed=True), verdict(d and d["min"])])
+                deltas.append([point.name, name + budget, fmt_ci(d and d["min"], signed=True),
+                               verdict(d["min"]) if d else UNPAIRED])
         rows_a, not_run_a = ablation_rows(point.name, records, paired_delta, verdict, fmt_ci)
         ablations += rows_a
         ablations_not_run += not_run_a
+        stale_long = False
         if long_nexus is not None and nexus is not None:
             d = paired_delta(long_nexus, nexus)
+            stale_long = d is None
             budgets.append([point.name, f"{long_nexus['train']['tokens']:,} vs {nexus['train']['tokens']:,}",
                             *[fmt_ci(d and d["per_capability"].get(c), signed=True) for c in CAPABILITIES],
                             fmt_ci(d and d["min"], signed=True),
                             {"**NEXUS better**": "**long worse**", "**NEXUS worse**": "**long better**"}.get(
-                                verdict(d and d["min"]), verdict(d and d["min"]))])
-        if long_nexus is not None and (nexus is None or long_nexus["train"]["tokens"] > nexus["train"]["tokens"]):
-            nexus = long_nexus  # the goals are read off the run with the most training tokens
+                                verdict(d["min"]), verdict(d["min"])) if d else UNPAIRED])
+        if long_nexus is not None and not stale_long and (nexus is None or long_nexus["train"]["tokens"]
+                                                          > nexus["train"]["tokens"]):
+            nexus = long_nexus  # the goals are read off the run with the most training tokens (of this recipe)
+        elif stale_long and point.name in GOALS:
+            goals.append([point.name, "run the goals are read off", "the default-budget NEXUS run: the long run "
+                          "predates its base recipe (re-run `size_sweep.py --long`)", "–"])
         if nexus is not None and point.name in GOALS:
             floor, general_floor = GOALS[point.name]
             m = nexus["min"]

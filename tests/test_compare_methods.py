@@ -182,6 +182,12 @@ def test_only_the_size_sweep_section_is_rewritten_from_its_json(compared, tmp_pa
     assert "1,040,000 (700 steps)" in row
     assert "| 0.25 | min ≥ 0.92 | 0.500 [0.400, 0.600] | **missed** |" in text
     assert "| 0.25 | train tokens ≥ 1,000,000 | 1,040,000 | met |" in text
+    # a long run of an older base recipe is shown but not paired, and the goals fall back to the default run
+    (point / "long" / "nexus.json").write_text(json.dumps(dict(long, base_recipe_sha256="0" * 64)))
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    text = md.read_text()
+    assert "| 0.25 | min ≥ 0.92 | " + results.fmt_ci(nexus["min"]) + " |" in text
+    assert "predates its base recipe" in text and results.ablation_md.UNPAIRED in text
     # a second section appended when absent, the first kept
     md.write_text("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n")
     results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
@@ -238,3 +244,24 @@ def test_paired_deltas_accept_teacher_rows_equal_to_float_noise_only(compared):
     close = results.paired_delta(scaled(1 + 1e-6), nexus)
     assert close is not None and set(close["per_capability"]) <= set(nexus["retention"])
     assert results.paired_delta(scaled(1 + 1e-2), nexus) is None
+
+
+def test_runs_of_another_base_recipe_are_not_paired(compared, tmp_path):
+    """Every record names its base recipe; an ablation built from another one (or from before the hash was recorded)
+    gets no paired difference, and its table row says to re-run it instead of a verdict."""
+    compare, root, _, _ = compared
+    results, ablation = _load("results"), _load("ablation_section")
+    nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
+    assert len(nexus["base_recipe_sha256"]) == 64 and nexus["base_recipe_sha256"] == dense["base_recipe_sha256"]
+    assert results.paired_delta(dense, nexus) is not None
+    raw = {"name": "compare", "run_dir": "/a", "stages": {"student_build": {"allocation": "dynamic"}}}
+    moved = {**raw, "run_dir": "/b"}  # the run folder is not part of the recipe
+    other = {**raw, "stages": {"student_build": {}}}
+    assert compare.base_recipe_sha256(raw) == compare.base_recipe_sha256(moved) != compare.base_recipe_sha256(other)
+    for sha in ("0" * 64, None):
+        switched = {**dense, "variant": "no_lmc", "group": "ablation", "label": "LMC off", "base_recipe_sha256": sha}
+        assert results.paired_delta(switched, nexus) is None
+        assert results.unpaired_reason(switched, nexus)
+        rows, _ = ablation.ablation_rows("0.25", {"nexus": nexus, "no_lmc": switched}, results.paired_delta,
+                                         results.verdict, results.fmt_ci)
+        assert rows[0][-1] == ablation.UNPAIRED and rows[0][-2] == "–"

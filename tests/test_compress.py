@@ -89,11 +89,12 @@ def test_auto_allocation_keeps_the_candidate_with_the_lowest_held_aside_loss():
 
     model = nexus_from_teacher(tiny_teacher("gemma3"))
     tok = char_tokenizer()
-    student, _, record = compress_model(model, tok, _capabilities(), _options("capability", selection_tokens=128))
+    student, _, record = compress_model(model, tok, _capabilities(),
+                                        _options("capability", selection_tokens=128, select_mix=False))
     report = record["allocation_candidates"]
     losses = {c["allocation"]: c["loss"] for c in report["candidates"]}
     assert len(losses) == 4 and "uniform" in losses and report["chosen"] == min(losses, key=losses.get)
-    assert record["allocation"] == f"auto -> {report['chosen']}"
+    assert record["allocation"] == f"auto -> {report['chosen']}" and "scorer_mix" not in record
     widths = {l["ffn"] for l in record["kept"]["layers"]}
     assert (len(widths) == 1) == (report["chosen"] == "uniform")
     caps = _capabilities()
@@ -253,3 +254,34 @@ def test_feature_map_scores_steer_the_capability_scorer_and_must_match_the_model
     fm["t"]["_model"]["ffn"] = [48, 48, 40]
     with pytest.raises(CompressError, match="another architecture"):
         feature_map_scores(fm, "t", units)
+
+
+def test_auto_also_picks_the_scorer_mix_and_keeps_what_that_mix_alone_keeps():
+    """allocation auto with select_mix: every (mix, allocation) pair is a candidate; the chosen pair's pruned model is
+    the one a run pinned to that mix and allocation builds."""
+    from nexus.conversion.importance import CapabilityScorer
+
+    caps = _capabilities()
+    _, _, record = compress_model(nexus_from_teacher(tiny_teacher("gemma3")), char_tokenizer(), caps,
+                                  _options("capability", selection_tokens=128))
+    report = record["allocation_candidates"]
+    pairs = {(c["scores"], c["allocation"]): c["loss"] for c in report["candidates"]}
+    assert {m for m, _ in pairs} == set(CapabilityScorer().variants()) == {"taylor+activation", "activation", "taylor"}
+    assert len(pairs) == 12
+    best = min(pairs, key=pairs.get)
+    assert (report["chosen_scores"], report["chosen"]) == best and record["scorer_mix"] == best[0]
+    mix = {"taylor+activation": {}, "activation": {"taylor": 0.0}, "taylor": {"activation": 0.0}}[best[0]]
+    kind, _, dev = best[1].partition(" (max_deviation ")
+    pinned = _options("capability", scorer_options=mix, allocation=kind,
+                      **({"max_deviation": float(dev.rstrip(")"))} if dev else {}))
+    _, _, again = compress_model(nexus_from_teacher(tiny_teacher("gemma3")), char_tokenizer(), caps, pinned)
+    assert again["kept"] == record["kept"]
+
+
+def test_capability_scorer_variants_name_their_mix():
+    from nexus.conversion.importance import CapabilityScorer
+
+    assert list(CapabilityScorer(taylor=2.0, activation=1.0).variants()) == ["2*taylor+activation", "activation",
+                                                                               "taylor"]
+    assert list(CapabilityScorer(taylor=0.0).variants()) == ["activation", "taylor"]
+    assert list(make_scorer("minitron").variants()) == [""]

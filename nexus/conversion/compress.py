@@ -12,7 +12,9 @@ Pipeline (`compress_model`), on a one-tower Nexus copy of the teacher (`nexus_fr
    (global ranking, each layer within ``max_deviation`` of the global keep fraction), uniform (Minitron), or
    ``auto`` (the capability scorer's default): `select_allocation` builds uniform and dynamic candidates
    (max_deviation 0.1, 0.25, 1.0) and keeps the one with the lowest capability-weighted loss on
-   ``selection_tokens`` further *training* tokens per capability (never the held-out evaluation text);
+   ``selection_tokens`` further *training* tokens per capability (never the held-out evaluation text); with
+   ``select_mix`` (the default) the capability scorer's variants (its mix, activation alone, Taylor alone) are
+   candidates too, each with every allocation;
 4. **slicing** (`structured_prune.apply_prune_plan`): exact removal of what the plan drops;
 5. optionally **low rank** (`low_rank`): rank-r reconstruction of every projection (activation-aware or plain SVD).
 
@@ -110,6 +112,14 @@ class CompressOptions(_Strict):
     calibration_tokens: int = Field(4096, ge=16, description="calibration tokens per capability (training text)")
     selection_tokens: int = Field(1024, ge=16, description="further training-text tokens per capability on which "
                                                            "allocation=auto compares its candidates")
+    selection_heal_steps: int = Field(0, ge=0, description="allocation=auto: train each candidate's decoder layers "
+                                                          "this many steps on the calibration windows before its "
+                                                          "held-aside loss is taken (heal.py); 0 = compare right "
+                                                          "after the cut")
+    selection_heal_lr: float = Field(1e-4, gt=0, description="learning rate of that healing")
+    select_mix: bool = Field(True, description="allocation=auto also compares the scorer's variants (capability: "
+                                               "its configured mix, activation alone, Taylor alone) on the same "
+                                               "held-aside loss; false keeps the configured mix")
     window_tokens: int = Field(256, ge=8, description="tokens per calibration window")
     batch_size: int = Field(2, ge=1, description="windows per forward/backward pass")
     feature_map: Path | None = Field(
@@ -256,12 +266,16 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
         record["feature_map"] = {cap: {"confidence": v["confidence"]} for cap, v in feature_map.items()}
     elif options.scorer == "capability":
         record["notes"].append("no localisation feature map: capability importance = gradient-Taylor + activation")
-    scores = scorer.score(units, statistics, weights, feature_map if options.scorer == "capability" else None)
-    scores.check(units)
-    if critical and any(critical.values()):
-        from .critical_units import protect_scores
+    scorers = scorer.variants() if allocation == "auto" and options.select_mix else {"": scorer}
+    scored = {}
+    for mix, variant in scorers.items():
+        scores = variant.score(units, statistics, weights, feature_map if options.scorer == "capability" else None)
+        scores.check(units)
+        if critical and any(critical.values()):
+            from .critical_units import protect_scores
 
-        scores = protect_scores(scores, critical)
+            scores = protect_scores(scores, critical)
+        scored[mix] = scores
     timings["importance"] = time.time() - t1
 
     # 3. budget
@@ -271,11 +285,21 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
     if allocation == "auto":
         selection = {c.name: token_windows(student_tok, _after_tokens(student_tok, c.text, options.calibration_tokens),
                                            options.selection_tokens, options.window_tokens) for c in capabilities}
-        alloc, record["allocation_candidates"] = select_allocation(model, scores, budget, base, selection, weights,
-                                                                   options.autocast)
+        with stage_progress(console, show_progress, transient=True) as progress:
+            task = progress.add_task("allocation candidates", total=len(scored) * len(AUTO_CANDIDATES))
+            heal = None
+            if options.selection_heal_steps:
+                heal = {"windows": windows if statistics is not None else {
+                    c.name: token_windows(student_tok, c.text, options.calibration_tokens, options.window_tokens)
+                    for c in capabilities}, "steps": options.selection_heal_steps, "lr": options.selection_heal_lr}
+            alloc, record["allocation_candidates"] = select_allocation(
+                model, scored, budget, base, selection, weights, options.autocast,
+                advance=lambda: progress.advance(task, 1), heal=heal)
         record["allocation"] = f"auto -> {record['allocation_candidates']['chosen']}"
+        if len(scored) > 1:
+            record["scorer_mix"] = record["allocation_candidates"]["chosen_scores"]
     else:
-        alloc = allocate(model.config, scores, budget, base)
+        alloc = allocate(model.config, scored[""], budget, base)
 
     # 4. slicing
     student, notes = apply_prune_plan(model, alloc.plan)
@@ -345,22 +369,42 @@ def calibration_loss(model, windows, weights, autocast=False, batch_size=4):
 
 
 def select_allocation(model, scores, budget, base, selection_windows, weights, autocast=False,
-                      candidates=AUTO_CANDIDATES):
+                      candidates=AUTO_CANDIDATES, advance=None, heal=None):
     """The allocation (of ``candidates``: (kind, max_deviation)) whose pruned model has the lowest capability-weighted
-    loss on ``selection_windows`` (training text held aside from the importance windows); ``(alloc, report)``."""
+    loss on ``selection_windows`` (training text held aside from the importance windows); ``(alloc, report)``.
+
+    ``scores`` is one `StructureScores`, or ``{name: StructureScores}`` (a scorer's variants): then every
+    (scores, allocation) pair is a candidate, and the report names the chosen scores (``chosen_scores``).
+    ``heal`` ({"windows": {cap: rows}, "steps": n, "lr": lr}): each candidate is trained that long first
+    (`heal.heal`), and its loss right after the cut is kept as ``loss_before_heal``."""
     import dataclasses
 
+    from .heal import heal as heal_run
+
+    scored = scores if isinstance(scores, dict) else {"": scores}
     best, report = None, {"candidates": []}
-    for kind, deviation in candidates:
-        alloc = allocate(model.config, scores, budget, dataclasses.replace(base, allocation=kind,
-                                                                          max_deviation=deviation))
-        pruned, _ = apply_prune_plan(model, alloc.plan)
-        loss, per_cap = calibration_loss(pruned, selection_windows, weights, autocast)
-        name = kind if kind == "uniform" else f"dynamic (max_deviation {deviation:g})"
-        report["candidates"].append({"allocation": name, "loss": loss, "per_capability": per_cap})
-        if best is None or loss < best[0]:
-            best, report["chosen"] = (loss, alloc), name
-        del pruned
+    for mix, s in scored.items():
+        for kind, deviation in candidates:
+            alloc = allocate(model.config, s, budget, dataclasses.replace(base, allocation=kind,
+                                                                         max_deviation=deviation))
+            pruned, _ = apply_prune_plan(model, alloc.plan)
+            extra = {}
+            if heal and heal["steps"]:
+                extra["loss_before_heal"], _ = calibration_loss(pruned, selection_windows, weights, autocast)
+                extra["heal_losses"] = heal_run(pruned, heal["windows"], heal["steps"], heal["lr"], autocast=autocast)
+            loss, per_cap = calibration_loss(pruned, selection_windows, weights, autocast)
+            name = kind if kind == "uniform" else f"dynamic (max_deviation {deviation:g})"
+            entry = {"allocation": name, "loss": loss, "per_capability": per_cap, **extra}
+            if mix:
+                entry["scores"] = mix
+            report["candidates"].append(entry)
+            if best is None or loss < best[0]:
+                best, report["chosen"], report["chosen_scores"] = (loss, alloc), name, mix
+            del pruned
+            if advance is not None:
+                advance()
+    if len(scored) == 1:
+        report.pop("chosen_scores")
     return best[1], report
 
 

@@ -10,7 +10,8 @@ Registered scorers (``SCORERS``; add one with `register_scorer`):
     given. Each term is normalised per structure kind (divided by its mean over the whole stack, so layers stay
     comparable and dynamic budgeting can move width between them), mixed with ``mix`` and summed with weights
     ``w_c / sum(w)``. Allocation: ``auto`` (`compress.select_allocation`: uniform or dynamic with a bounded
-    per-layer deviation, whichever pruned model has the lowest loss on held-aside calibration text).
+    per-layer deviation, whichever pruned model has the lowest loss on held-aside calibration text); auto also
+    chooses the mix (`CapabilityScorer.variants`: the configured one, activation alone, Taylor alone) the same way.
 ``minitron`` (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation")
     Activation importance on the pooled calibration data, no gradients: head = mean ``||head output||``, neuron =
     mean ``|activation|``, hidden channel = summed ``|RMSNorm output|``, layer = block influence. Allocation:
@@ -96,6 +97,10 @@ class Scorer:
 
     def score(self, units: DecoderUnits, statistics=None, weights=None, feature_map=None) -> StructureScores:
         raise NotImplementedError
+
+    def variants(self) -> dict:
+        """{name: scorer} that ``allocation: auto`` may also choose between (by held-aside loss); this one alone."""
+        return {"": self}
 
 
 def _per_layer(units, fn_attn, fn_mlp):
@@ -291,6 +296,12 @@ def _norm_vector(v):
     return v / mean if mean > 0 else v
 
 
+def mix_name(taylor, activation):
+    """``taylor+activation`` / ``activation`` / ``taylor`` (with the weights when they are not 0 or 1)."""
+    parts = [name if w == 1 else f"{w:g}*{name}" for name, w in (("taylor", taylor), ("activation", activation)) if w]
+    return "+".join(parts) or "feature_map"
+
+
 class CapabilityScorer(Scorer):
     """Capability-weighted importance (see the module docstring); ``mix`` weighs its three terms."""
 
@@ -301,6 +312,17 @@ class CapabilityScorer(Scorer):
         self.mix = {"taylor": float(taylor), "activation": float(activation), "feature_map": float(feature_map)}
         if any(v < 0 for v in self.mix.values()) or not any(self.mix.values()):
             raise ValueError(f"capability scorer mix weights must be >= 0 and not all 0, got {self.mix}")
+
+    def variants(self):
+        """The configured mix, activation alone and Taylor alone (the feature-map weight kept in each): which one
+        prunes best differs by teacher and budget, so ``allocation: auto`` picks by held-aside loss."""
+        fm = self.mix["feature_map"]
+        out = {}
+        for taylor, activation in ((self.mix["taylor"], self.mix["activation"]), (0.0, 1.0), (1.0, 0.0)):
+            name = mix_name(taylor, activation)
+            if name not in out and (taylor or activation or fm):
+                out[name] = CapabilityScorer(taylor=taylor, activation=activation, feature_map=fm)
+        return out
 
     def _terms(self, s, fmap):
         n = len(s.head_taylor)

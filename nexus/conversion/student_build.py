@@ -69,6 +69,16 @@ only when the budget cannot hold their attention) and the largest uniform FFN wi
 within the same budget. A pruning baseline is only another ``scorer`` (``magnitude``, ``minitron`` with
 ``allocation: uniform``, ``weight_pca``).
 
+**Per-layer widths** (``allocation``): the capability scorer's default is ``auto``: for each tower, every pair of
+(scorer mix: the configured Taylor + activation, activation alone, Taylor alone) x (uniform widths, dynamic widths
+within 0.1 / 0.25 / 1.0 of the global keep fraction) is pruned, and the pair with the lowest capability-weighted
+loss on held-aside training text is kept (``select_mix: false`` fixes the mix). Why: which one prunes best differs
+by teacher and budget (Gemma-3-270M at 0.25: pinned dynamic widths lost 0.101 [0.084, 0.119] of minimum retention to
+uniform ones, bench/RESULTS.md §5); the losses of all candidates are in ``student_build.json``.
+``selection_heal_steps`` trains each candidate a few steps before comparing (`heal.py`); it is off by default: on
+that tower, 10 healing steps kept the same choice as the loss right after the cut (bench/RESULTS.md §8), at the cost
+of the healing for each of the 12 candidates.
+
 Writes ``out`` atomically: the student (``NexusForCausalLM.save_pretrained``, safetensors), its tokenizer and
 ``student_build.json`` (towers, teachers, compress records, budget, parameter counts, embedding-init counts).
 
@@ -152,6 +162,11 @@ class StudentBuildOptions(BaseModel):
     calibration_tokens: int = Field(2048, ge=16, description="compress calibration tokens per capability of a tower")
     selection_tokens: int = Field(1024, ge=16, description="allocation=auto: held-aside training tokens per "
                                                            "capability of a tower")
+    select_mix: bool = Field(True, description="allocation=auto also picks the capability scorer's mix (configured, "
+                                               "activation alone, Taylor alone) by the same held-aside loss")
+    selection_heal_steps: int = Field(0, ge=0, description="allocation=auto: heal each candidate's layers this many "
+                                                          "steps before comparing (compress's option, heal.py)")
+    selection_heal_lr: float = Field(1e-4, gt=0, description="learning rate of that healing")
     window_tokens: int = Field(128, ge=8, description="compress calibration window (capped at the teacher's context)")
     embedding_init: Literal["teachers", "random"] = Field(
         "teachers", description="shared embedding rows: tokenizer base: the base teacher's rows, copied exactly; "
@@ -377,6 +392,8 @@ def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget
     hidden = nexus.config.hidden_size
     copts = CompressOptions(scorer=options.scorer, allocation=options.allocation, vocab={"trim": False},
                             calibration_tokens=options.calibration_tokens, selection_tokens=options.selection_tokens,
+                            select_mix=options.select_mix, selection_heal_steps=options.selection_heal_steps,
+                            selection_heal_lr=options.selection_heal_lr,
                             window_tokens=min(options.window_tokens, max_pos))
     budget = Budget(tower_layer_budget + hidden, "non_embedding", f"tower {name}: {tower_layer_budget} layer params")
     capabilities = [Capability(cap, "\n".join(text.chunks), (weights or {}).get(cap, 1.0), text.source)
@@ -397,7 +414,8 @@ def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget
     info["record"] = {k: v for k, v in record.items() if k in ("allocation", "budget", "params", "keep_fraction",
                                                                "kept", "notes", "note", "seconds", "scorer",
                                                                "capabilities", "critical", "localisation",
-                                                               "feature_map")}
+                                                               "feature_map", "allocation_candidates",
+                                                               "scorer_mix")}
     del student, nexus
     gc.collect()
     return info

@@ -45,8 +45,9 @@ from .student_capabilities import (
 )
 from .student_hashes import (
     check_student_folder,
-    read_student_tensors,
-    tensor_hashes,
+    folder_tensor_hashes,
+    iter_student_tensors,
+    tensor_sha256,
     write_student_hashes,
 )
 
@@ -125,7 +126,7 @@ def build_new_tower(student_dir, recipe, old_recipe, fragment, console, show_pro
     """The init student: old weights as they are + the new own-vocabulary tower + a refitted router; returns its
     record. Writes ``init_dir`` (with a ``student_build.json`` marking every old tower exact, so distill freezes
     them)."""
-    from ..modeling_nexus import NexusForCausalLM
+    from ..modeling_nexus import NexusConfig, NexusForCausalLM
     from .load_check import checked_load_state_dict
     from .remove_capability import rebuilt_config
     from .router_fit import fit_router
@@ -137,9 +138,9 @@ def build_new_tower(student_dir, recipe, old_recipe, fragment, console, show_pro
 
     teacher = recipe.teachers[0]
     options = recipe.stage("student_build")
-    old = NexusForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    old_config = NexusConfig.from_pretrained(student_dir)  # its weights are streamed in below, never loaded whole
     student_tok = load_tokenizer(student_dir)
-    names = [t.get("name") for t in old.config.towers]
+    names = [t.get("name") for t in old_config.towers]
     if teacher.name in names:
         raise AddTeacherError(f"the student already has a tower named {teacher.name!r} (towers: {names}); give the "
                               "new teacher another name")
@@ -157,31 +158,25 @@ def build_new_tower(student_dir, recipe, old_recipe, fragment, console, show_pro
     spec = {**info["tower_spec"], "name": teacher.name, "capabilities": caps, "vocabulary": "own",
             "embedding_scale": own["embedding_scale"], "final_logit_softcapping": own["final_logit_softcapping"],
             "vocabulary_ids": list(plan)}
-    old_names = list(getattr(old.config, "capability_names", None) or old.config.capability_to_tower)
-    config = rebuilt_config(old.config, json.loads(json.dumps(old.config.towers)) + [spec], old_names + caps)
+    old_names = list(getattr(old_config, "capability_names", None) or old_config.capability_to_tower)
+    config = rebuilt_config(old_config, json.loads(json.dumps(old_config.towers)) + [spec], old_names + caps)
     torch.manual_seed(options.seed)
     model = NexusForCausalLM(config).eval()
-    n_old = len(old.config.towers)
-    state = {k: v for k, v in old.state_dict().items() if not k.startswith("model.router.")}
+    n_old = len(old_config.towers)
     with torch.no_grad():
-        result = model.load_state_dict(state, strict=False)
-        stray = [k for k in result.missing_keys
-                 if not k.startswith((f"model.towers.{n_old}.", "model.router.", "lm_head.weight"))]
-        if stray or result.unexpected_keys:
-            raise AddTeacherError(f"student {student_dir}: its tensors do not fit the grown student (missing {stray[:3]}, "
-                                  f"unexpected {result.unexpected_keys[:3]})")
+        old_router = copy_old_tensors(model, student_dir, n_old)
         tower = model.model.towers[n_old]
         checked_load_state_dict(tower, info["tower_state"], info["source"], what=f"tower {teacher.name!r}",
                                 allow_missing=("in_proj", "out_proj", "embed_tokens", "norm.", "lm_head"))
         embedding = info["embedding"]
         head = own["lm_head"] if own["lm_head"] is not None else embedding
         rows = fill_own_vocabulary(tower, plan, embedding, head, own["norm_weight"])
-        if old.model.router is not None:  # old rows kept until the refit below
-            model.model.router.proj.weight[:n_old] = old.model.router.proj.weight
-            model.model.router.proj.bias[:n_old] = old.model.router.proj.bias
+        if old_router:  # old rows kept until the refit below
+            model.model.router.proj.weight[:n_old] = old_router["model.router.proj.weight"]
+            model.model.router.proj.bias[:n_old] = old_router["model.router.proj.bias"]
     model.tie_weights()
     old_texts = student_training_texts(old_recipe)
-    if fragment.add_teacher.router == "new_row" and old.model.router is not None:
+    if fragment.add_teacher.router == "new_row" and old_router:
         from .router_new_class import fit_new_router_row
 
         router_fit = fit_new_router_row(model, student_tok, {**old_texts, **texts}, n_old,
@@ -190,7 +185,7 @@ def build_new_tower(student_dir, recipe, old_recipe, fragment, console, show_pro
         router_fit = fit_router(model, student_tok, {**old_texts, **texts}, window=options.window_tokens,
                                 seed=options.seed)
     coverage = vocabulary_coverage(student_tok, info["tokenizer"], plan, texts)
-    del old, info
+    del info
     gc.collect()
     model.save_pretrained(init_dir)
     student_tok.save_pretrained(init_dir)
@@ -203,6 +198,29 @@ def build_new_tower(student_dir, recipe, old_recipe, fragment, console, show_pro
               "router_fit": router_fit, "vocabulary_coverage": coverage}
     (Path(init_dir) / "student_build.json").write_text(json.dumps(record, indent=1, default=str))
     return record
+
+
+def copy_old_tensors(model, student_dir, n_old):
+    """Copy every stored tensor of the student at ``student_dir`` into the grown ``model``, one tensor resident at a
+    time (the old student is never loaded whole); returns the old router's tensors ({} when it had none). Raises
+    `AddTeacherError` when the stored tensors do not fit the grown student."""
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    router, seen, unexpected = {}, set(), []
+    for name, tensor in iter_student_tensors(student_dir):
+        if name.startswith("model.router."):
+            router[name] = tensor
+        elif name in params and tuple(params[name].shape) == tuple(tensor.shape):
+            params[name].copy_(tensor)
+        else:
+            unexpected.append(name)
+        seen.add(name)
+    stray = [k for k in model.state_dict() if k not in seen
+             and not k.startswith((f"model.towers.{n_old}.", "model.router.", "lm_head.weight"))]
+    if stray or unexpected:
+        raise AddTeacherError(f"student {student_dir}: its tensors do not fit the grown student (missing {stray[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return router
 
 
 def distill_new_tower(recipe, old_recipe, profile, init_dir, run_dir, fragment_stages, console, show_progress,
@@ -295,21 +313,29 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
         distilled = Path(summary["student"])
 
         # ------------------------------------------------ final tensors: the old ones exactly as stored
-        before = read_student_tensors(base_student)
-        after = read_student_tensors(distilled)
-        old_keys = [k for k in before if not k.startswith("model.router.")]
-        moved = [k for k in old_keys if k not in after or not torch.equal(after[k].float(), before[k].float())]
+        # One copy of the student is resident: the distilled tensors, each old one swapped for its stored bytes
+        # as the base student is streamed past them (compared first, hashed on the way).
+        final = dict(iter_student_tensors(distilled))
+        old_keys, moved, hashes_before, router_before = [], [], {}, {}
+        for key, stored in iter_student_tensors(base_student):
+            hashes_before[key] = tensor_sha256(stored)
+            if key.startswith("model.router."):
+                router_before[key] = stored
+                continue
+            old_keys.append(key)
+            if key not in final or not torch.equal(final[key].float(), stored.float()):
+                moved.append(key)
+            final[key] = stored  # the stored dtype of every old tensor is kept
         if moved:
             raise AddTeacherError(f"distillation changed {len(moved)} frozen tensor(s) (first: {moved[0]}); "
                                   "nothing was written")
-        final = {**after, **{k: before[k] for k in old_keys}}  # the stored dtype of every old tensor is kept
         router_rows = {}  # new_row: the old classes' rows of the router, as stored before
         if router_frozen:
             for key in ("model.router.proj.weight", "model.router.proj.bias"):
-                if not torch.equal(after[key][:n_old].float(), before[key].float()):
+                if not torch.equal(final[key][:n_old].float(), router_before[key].float()):
                     raise AddTeacherError(f"the old rows of {key} changed; nothing was written")
-                final[key] = torch.cat([before[key], after[key][n_old:].to(before[key].dtype)])
-                router_rows[key] = before[key]
+                final[key] = torch.cat([router_before[key], final[key][n_old:].to(router_before[key].dtype)])
+                router_rows[key] = router_before[key]
 
         console.rule("[bold]add-teacher: no-regression proof")
         vopts = old_recipe.stage("validate")
@@ -319,15 +345,19 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
         routed = ((lambda m, c: {}) if vopts.routing == "router"
                   else (lambda m, c: {"capability": c} if c in m.config.capability_to_tower else {}))
         items = fragment.add_teacher.router_items
-        measured_before = nr.measure_student(base_student, old_recipe, old_caps, dtype, routed, items, old_caps)
         with atomic_dir(out, overwrite=overwrite, sources={"student": student, "fragment": fragment_path}) as tmp:
             from safetensors.torch import save_file
+
+            from .peak_rss import release_freed_memory
 
             for path in distilled.iterdir():
                 if path.is_file() and path.suffix != ".safetensors" and path.name != "student_build.json":
                     shutil.copy2(path, tmp / path.name)
             save_file({k: v.contiguous() for k, v in final.items()}, str(tmp / "model.safetensors"),
                       metadata={"format": "pt"})
+            del final  # from here on one scored student at a time is resident
+            release_freed_memory()
+            measured_before = nr.measure_student(base_student, old_recipe, old_caps, dtype, routed, items, old_caps)
             new_index = build["new_tower"]["index"]
             measured_after = nr.measure_student(tmp, old_recipe, old_caps, dtype, routed, items, old_caps)
             forced = nr.measure_student(tmp, old_recipe, old_caps, dtype, lambda m, c: {"tower": new_index})
@@ -345,11 +375,11 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
                                                        forced["scores"][cap],
                                                        (original or {}).get("retention", {}).get(cap))
                             for cap in old_caps}
-            hashes_after = tensor_hashes(read_student_tensors(tmp))
-            written = read_student_tensors(tmp)
-            rows_before = {f"{k}[:{n_old}]": tensor_hashes({k: v})[k] for k, v in router_rows.items()}
-            rows_after = {f"{k}[:{n_old}]": tensor_hashes({k: written[k][:n_old]})[k] for k in router_rows}
-            tensors = nr.tensor_proof({**(checked["hashes"] if base_student == student else tensor_hashes(before)),
+            hashes_after = folder_tensor_hashes(tmp)
+            written = dict(iter_student_tensors(tmp, router_rows))
+            rows_before = {f"{k}[:{n_old}]": tensor_sha256(v) for k, v in router_rows.items()}
+            rows_after = {f"{k}[:{n_old}]": tensor_sha256(written[k][:n_old]) for k in router_rows}
+            tensors = nr.tensor_proof({**(checked["hashes"] if base_student == student else hashes_before),
                                        **rows_before}, {**hashes_after, **rows_after}, old_keys + list(rows_before))
             new = new_capability_retention(recipe, profile, new_scores, n_boot, seed)
             passed = (tensors["all_equal"] and all(e["unchanged_within_ci"] for e in retention.values())

@@ -30,8 +30,8 @@ from .student_capabilities import (
 from .student_hashes import (
     HASHES_FILE,
     check_student_folder,
+    folder_tensor_hashes,
     read_student_tensors,
-    tensor_hashes,
 )
 
 RECORD_FILE = "remove_capability.json"
@@ -151,7 +151,7 @@ def remove_capability(student, name, out, overwrite=False) -> dict:
         save_student(tmp, new_config, new_tensors)
         copy_side_files(student, tmp)
         checked_from_pretrained(NexusForCausalLM, tmp, what="student without " + name, dtype=None)
-        after = tensor_hashes(read_student_tensors(tmp))
+        after = folder_tensor_hashes(tmp)
         identical = {new: before[old] == after[new] for new, old in kept_from.items()}
         if not all(identical.values()):
             bad = next(k for k, ok in identical.items() if not ok)

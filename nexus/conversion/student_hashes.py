@@ -41,7 +41,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     t = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 
@@ -61,24 +61,33 @@ def weight_files(folder) -> list[Path]:
 
 
 def read_student_tensors(folder) -> dict:
-    """Every tensor of the checkpoint at ``folder`` as stored (dtype kept), refused on NaN/Inf or a bad file."""
-    from .load_check import checked_load_file
+    """Every tensor of the checkpoint at ``folder`` as stored (dtype kept), refused on NaN/Inf or a bad file; read one
+    tensor at a time, so the peak is the checkpoint's size (a memory-mapped read would hold it twice)."""
+    return dict(iter_student_tensors(folder))
 
-    tensors = {}
+
+def iter_student_tensors(folder, keys=None):
+    """``(name, tensor)`` of the checkpoint at ``folder`` (only ``keys`` when given), one tensor resident at a time
+    (`tensor_stream`): hashing or comparing a student this way costs its largest tensor in RAM, not its size."""
+    from .tensor_stream import stream_safetensors
+
     for path in weight_files(folder):
-        tensors.update(checked_load_file(path, what="student"))
-    return tensors
+        yield from stream_safetensors(path, keys, what="student")
 
 
-def hashes_record(tensors: dict) -> dict:
-    return {"schema": SCHEMA, "nexus_version": nexus_version(), "algorithm": ALGORITHM,
-            "tensors": tensor_hashes(tensors)}
+def folder_tensor_hashes(folder, keys=None) -> dict:
+    """{name: sha256} of the checkpoint at ``folder`` in name order, read one tensor at a time."""
+    return dict(sorted((name, tensor_sha256(t)) for name, t in iter_student_tensors(folder, keys)))
+
+
+def hashes_record(hashes: dict) -> dict:
+    return {"schema": SCHEMA, "nexus_version": nexus_version(), "algorithm": ALGORITHM, "tensors": hashes}
 
 
 def write_student_hashes(folder, tensors=None) -> dict:
     """Write ``nexus_hashes.json`` into ``folder`` from its own weight files (or ``tensors``); returns the record."""
     folder = Path(folder)
-    record = hashes_record(tensors if tensors is not None else read_student_tensors(folder))
+    record = hashes_record(folder_tensor_hashes(folder) if tensors is None else tensor_hashes(tensors))
     (folder / HASHES_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -102,7 +111,7 @@ def check_student_folder(folder) -> dict:
                                  f"{kind!r}, not 'nexus')")
     if not weight_files(folder):
         raise StudentFolderError(f"student folder {folder} has no *.safetensors weights")
-    hashes = tensor_hashes(read_student_tensors(folder))
+    hashes = folder_tensor_hashes(folder)
     record_path = folder / HASHES_FILE
     if not record_path.is_file():
         return {"path": str(folder), "verified": False, "hashes": hashes,

@@ -37,6 +37,7 @@ import torch
 
 from .add_teacher_fragment import STUDENT_TEACHER, load_fragment
 from .atomic_output import atomic_dir, check_output_vs_sources
+from .peak_rss import release_freed_memory
 from .recipe import load_recipe, validate_recipe
 from .student_capabilities import (
     capability_record,
@@ -303,6 +304,7 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
         console.rule("[bold]add-teacher: build the new tower")
         init_dir = work / "init"
         build = build_new_tower(base_student, recipe, old_recipe, fragment, console, show_progress, init_dir)
+        release_freed_memory()  # the grown model is gone: hand its heap back before distill loads the student
         console.print(f"  tower {build['new_tower']['name']}: {build['new_tower']['params']:,} params; router refit "
                       f"held-out accuracy {build['router_fit'].get('held_out_accuracy')}")
         console.rule("[bold]add-teacher: distil the new tower and the router (everything else frozen)")
@@ -311,6 +313,7 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
         summary = distill_new_tower(recipe, old_recipe, profile, init_dir, work / "distill-run",
                                     fragment.stages, console, show_progress, router_frozen=router_frozen)
         distilled = Path(summary["student"])
+        release_freed_memory()
 
         # ------------------------------------------------ final tensors: the old ones exactly as stored
         # One copy of the student is resident: the distilled tensors, each old one swapped for its stored bytes
@@ -347,8 +350,6 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
         items = fragment.add_teacher.router_items
         with atomic_dir(out, overwrite=overwrite, sources={"student": student, "fragment": fragment_path}) as tmp:
             from safetensors.torch import save_file
-
-            from .peak_rss import release_freed_memory
 
             for path in distilled.iterdir():
                 if path.is_file() and path.suffix != ".safetensors" and path.name != "student_build.json":

@@ -329,15 +329,23 @@ def router_accuracy(model, groups):
             "per_capability": {c: h / max(n, 1) for c, (h, n) in per.items()}}
 
 
+HELDOUT_LOGIT_BUDGET = 1 << 22  # logits per held-out batch (16 MiB in fp32; the loss makes a few copies of them)
+
+
 @torch.no_grad()
 def heldout_ce(model, groups, batch_size=16):
-    """Mean over capabilities of the next-token cross-entropy (nats/token) on their held-out rows."""
+    """Mean over capabilities of the next-token cross-entropy (nats/token) on their held-out rows; at most
+    ``batch_size`` rows per forward, fewer when their logits would pass `HELDOUT_LOGIT_BUDGET` (a 10k-token
+    vocabulary at 128 tokens makes 80 MiB of logits per 16 rows, and the softcap and the loss copy them)."""
     from ..training.token_alignment import collate_distill_rows
 
+    vocab = int(model.config.vocab_size)
     by_cap = {}
     for g in groups:
-        for b in range(0, len(g["rows"]), batch_size):
-            batch = collate_distill_rows(g["rows"][b:b + batch_size])
+        longest = max((len(r["input_ids"]) for r in g["rows"]), default=1)
+        rows = max(1, min(batch_size, HELDOUT_LOGIT_BUDGET // max(1, longest * vocab)))
+        for b in range(0, len(g["rows"]), rows):
+            batch = collate_distill_rows(g["rows"][b:b + rows])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], tower=g["tower"],
                            use_cache=False).logits
             n = int((batch["labels"][:, 1:] != -100).sum())

@@ -67,11 +67,13 @@ def router_hits(model, tokenizer, probe, expected_tower, max_items):
 def measure_student(folder, recipe, caps, dtype, kwargs_of, router_items=200, router_caps=()):
     """Score the student at ``folder`` on ``caps`` (probes of ``recipe``; ``kwargs_of(model, cap)`` -> forward kwargs,
     e.g. a forced tower). Returns {"scores": {cap: (summary, items)}, "router": {cap: [hit, ...]}}."""
+    from .peak_rss import release_freed_memory
     from .profile import load_probes
     from .validate import forced_capability, load_scored_model
 
     sub = recipe.model_copy(update={"capabilities": [c for c in recipe.capabilities if c.name in caps]})
     probes = load_probes(sub, recipe.stage("profile").probe_settings())
+    release_freed_memory()  # the heap freed by the last scored model goes back first: one model resident at a time
     model, tokenizer = load_scored_model(folder, dtype)
     out = {"scores": {}, "router": {}, "probes": probes}
     for cap in caps:
@@ -81,7 +83,8 @@ def measure_student(folder, recipe, caps, dtype, kwargs_of, router_items=200, ro
     mapping = model.config.capability_to_tower
     for cap in router_caps:
         out["router"][cap] = router_hits(model, tokenizer, probes[cap], mapping[cap], router_items)
-    del model
+    del model, tokenizer
+    release_freed_memory()
     return out
 
 

@@ -14,7 +14,8 @@
 the child's ``ru_maxrss`` from ``os.wait4`` (the largest resident set of it and of any process it waited for). Both
 start after the GGUF teacher was converted once (by the base run), so neither pays that import.
 
-Writes ``bench/results/add_teacher.json``: the costs and their ratio add / full (goal <= 0.25), the proof (old
+Writes ``bench/results/add_teacher.json``: the costs and their ratio add / full (goal <= 0.25), the RAM floor any
+add-teacher of this case has (a child that only imports NEXUS, plus the student's weights), the proof (old
 tensors bit-identical, each old capability's score before / after with its paired CI, router accuracy before /
 after, interference with the new tower forced), and the retention of every capability for the base student, the
 student after add-teacher and the full consolidate of three (with the teachers' scores on reversal from the full
@@ -114,6 +115,21 @@ def run_step(name, cmd, done_marker, console, force=False, fresh=None):
     return record
 
 
+def memory_floor(nexus, student, costs, console):
+    """What any add-teacher must hold: the process after importing what it imports (measured as a child that only
+    imports) plus one fp32 copy of the student's weights (its safetensors size); and that floor over the full
+    consolidate's peak, the lowest RAM ratio this case allows."""
+    code = ("import nexus.cli, nexus.modeling_nexus, nexus.conversion.add_teacher, nexus.conversion.distill, "
+            "nexus.conversion.validate")
+    imports = measured("import_floor", [nexus[0], "-c", code], console)
+    weights = sum(p.stat().st_size for p in Path(student).glob("*.safetensors")) / 2**20
+    floor = imports["peak_rss_mb"] + weights
+    full = costs["full_consolidate"]["peak_rss_mb"]
+    return {"import_only_peak_rss_mb": imports["peak_rss_mb"], "student_weights_mb": round(weights, 1),
+            "floor_mb": round(floor, 1), "floor_over_full": floor / full,
+            "add_teacher_over_floor": costs["add_teacher"]["peak_rss_mb"] / floor}
+
+
 def retention_of(report_path):
     report = json.loads(Path(report_path).read_text())
     return {cap: {"value": r.get("value"), "ci": r.get("ci"), "teacher": r.get("teacher"), "metric": r.get("metric")}
@@ -179,6 +195,12 @@ def print_tables(result, console):
     r = result["ratio_add_over_full"]
     cost.add_row("add / full", f"{r['wall_seconds']:.3f}", f"{r['peak_rss_mb']:.3f}", "", "")
     console.print(cost)
+    f = result.get("memory_floor")
+    if f:
+        console.print(f"RAM floor of any add-teacher here: imports {f['import_only_peak_rss_mb']:.0f} MB + the "
+                      f"student's weights {f['student_weights_mb']:.0f} MB = {f['floor_mb']:.0f} MB = "
+                      f"{f['floor_over_full']:.3f} of the full consolidate's peak; add-teacher peaked at "
+                      f"{f['add_teacher_over_floor']:.2f}x that floor")
 
     p = result["proof"]
     console.print(f"proof passed: {p['passed']}; old tensors bit-identical: {p['tensors_bit_identical']} / "
@@ -239,6 +261,7 @@ def main():
                                          RUN["full"] / "export" / "nexus_hashes.json", console, force=args.force,
                                          fresh=WORK / "full")
     result = summarise(costs, paths)
+    result["memory_floor"] = memory_floor(nexus, base_export, costs, console)
     print_tables(result, console)
     with atomic_file(RESULT) as tmp:
         tmp.write_text(json.dumps(result, indent=1))

@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py, also when a test loads this by file path
 from paths import RESULTS  # noqa: E402
 import ablation_section as ablation_md  # noqa: E402
+import add_teacher_section as add_teacher_md  # noqa: E402
 import allocation_proxy_section as proxy_md  # noqa: E402
 import claims_section as claims_md  # noqa: E402
 import size_sweep_section as size_sweep_md  # noqa: E402
@@ -496,6 +497,8 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
     parts += ["", ablation_md.TITLE_LOCALISATION, "", *localisation_lines(Path(out_dir))]
     parts += ["", proxy_md.TITLE, "", *proxy_md.allocation_proxy_section(Path(out_dir) / "allocation_proxy.json",
                                                                          fmt_ci, md_table)]
+    parts += ["", add_teacher_md.TITLE, "", *add_teacher_md.add_teacher_section(Path(out_dir) / "add_teacher.json",
+                                                                                fmt_ci, md_table)]
     text = "\n".join(parts) + "\n"
     from nexus.conversion.atomic_output import atomic_file
 
@@ -543,16 +546,18 @@ def main(argv=None):
     parser.add_argument("--md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
     parser.add_argument("--committed-sections", action="store_true",
-                        help="rewrite only §5 (size sweep), §6 (claims), §7 (localisation) and §8 (allocation "
-                             "proxy), the sections whose JSON is committed, in --md (the other sections' JSON may not "
-                             "be on this machine)")
+                        help="rewrite only §5 (size sweep), §6 (claims), §7 (localisation), §8 (allocation "
+                             "proxy) and §9 (add-teacher), the sections whose JSON is committed, in --md (the other "
+                             "sections' JSON may not be on this machine)")
     args = parser.parse_args(argv)
     if args.committed_sections:
         replace_section(args.md, size_sweep_md.TITLE, sweep_lines(args.out_dir))
         replace_section(args.md, claims_md.TITLE, claims_lines(args.out_dir))
         replace_section(args.md, ablation_md.TITLE_LOCALISATION, localisation_lines(args.out_dir))
-        text = replace_section(args.md, proxy_md.TITLE, proxy_md.allocation_proxy_section(
+        replace_section(args.md, proxy_md.TITLE, proxy_md.allocation_proxy_section(
             args.out_dir / "allocation_proxy.json", fmt_ci, md_table))
+        text = replace_section(args.md, add_teacher_md.TITLE, add_teacher_md.add_teacher_section(
+            args.out_dir / "add_teacher.json", fmt_ci, md_table))
         print(text)
         return text
     png = args.png or args.md.with_name("RESULTS_retention.png")

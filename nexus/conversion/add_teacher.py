@@ -24,6 +24,11 @@
    retention; then the new student folder with ``nexus_hashes.json``, ``nexus_capabilities.json``,
    ``add_teacher_report.json`` and ``add_teacher_report.md``, written all at once. ``STUDENT_DIR`` is never
    modified; work files live in a sibling ``.OUT.work-PID`` folder removed at the end.
+
+Memory: at most one copy of the student is resident. Its tensors are read one at a time (`tensor_stream`: hashed,
+compared, copied into the grown student), the freed heap goes back to the OS between phases, and each scored model
+is dropped before the next loads. bench/add_teacher.py measures the peak against a full consolidate and the floor
+(imports + one student copy) no implementation can go under.
 """
 
 import gc

@@ -70,6 +70,17 @@ def test_bootstrap_ci_of_a_ratio_statistic_resamples_rows():
         bootstrap_ci([], n=10)
 
 
+def test_ratio_ci_drops_resamples_whose_teacher_score_is_zero():
+    """A teacher right on few items: some resamples hold none of them (a zero denominator). They are dropped, not a
+    ZeroDivisionError, and the interval comes from the others."""
+    teacher = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
+    student = np.array([1.0, 0.0, 1.0, 0.0, 0.0])
+    lo, hi = ratio_ci(student, teacher, n=400)
+    assert math.isfinite(lo) and math.isfinite(hi) and 1.0 <= lo <= hi
+    with pytest.raises(ValueError, match="non-finite"):
+        ratio_ci(student, np.zeros(5), n=50)
+
+
 def test_ratio_ci_pairs_items_and_orients_lower_is_better():
     teacher = np.array([0.9, 0.5, 0.7, 0.2, 0.6, 0.8])
     assert ratio_ci(teacher, teacher, n=200) == (1.0, 1.0)  # paired: identical scores give exactly 1

@@ -71,7 +71,8 @@ def ratio_ci(student_item_scores, teacher_item_scores, n=1000, seed=0, stat=_mea
     with np.errstate(divide="ignore", invalid="ignore"):
         for _ in range(n):
             idx = rng.integers(0, count, size=count)
-            s, t = float(stat(student[idx])), float(stat(teacher[idx]))
+            # numpy floats: a resample whose denominator is 0 gives inf/nan (dropped), not ZeroDivisionError
+            s, t = np.float64(stat(student[idx])), np.float64(stat(teacher[idx]))
             stats.append(t / s if lower_is_better else s / t)
     return _percentiles(stats, level)
 

@@ -324,9 +324,12 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
         # One copy of the student is resident: the distilled tensors, each old one swapped for its stored bytes
         # as the base student is streamed past them (compared first, hashed on the way).
         final = dict(iter_student_tensors(distilled))
-        old_keys, moved, hashes_before, router_before = [], [], {}, {}
+        old_keys, moved, router_before = [], [], {}
+        # the check at the start hashed STUDENT_DIR; a --replace base (capabilities removed first) is hashed here
+        hashes_before = checked["hashes"] if base_student == student else {}
         for key, stored in iter_student_tensors(base_student):
-            hashes_before[key] = tensor_sha256(stored)
+            if base_student != student:
+                hashes_before[key] = tensor_sha256(stored)
             if key.startswith("model.router."):
                 router_before[key] = stored
                 continue
@@ -385,7 +388,7 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
             written = dict(iter_student_tensors(tmp, router_rows))
             rows_before = {f"{k}[:{n_old}]": tensor_sha256(v) for k, v in router_rows.items()}
             rows_after = {f"{k}[:{n_old}]": tensor_sha256(written[k][:n_old]) for k in router_rows}
-            tensors = nr.tensor_proof({**(checked["hashes"] if base_student == student else hashes_before),
+            tensors = nr.tensor_proof({**hashes_before,
                                        **rows_before}, {**hashes_after, **rows_after}, old_keys + list(rows_before))
             new = new_capability_retention(recipe, profile, new_scores, n_boot, seed)
             passed = (tensors["all_equal"] and all(e["unchanged_within_ci"] for e in retention.values())

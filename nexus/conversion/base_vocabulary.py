@@ -233,42 +233,68 @@ def teacher_head(folder):
 # ------------------------------------------------------------------------------------------------ the vocabulary
 
 
-def top_tokens(tokenizer, n):
-    """The first ``n`` ordinary (non-special, non-byte-fallback) token strings of ``tokenizer`` by id."""
+def top_tokens(tokenizer, n, mass=None):
+    """``n`` ordinary (non-special, non-byte-fallback) token strings of ``tokenizer``: the first by id, or with
+    ``mass`` ((V,) tensor, `token_mass.teacher_token_mass`) those the teacher gives the most next-token mass."""
+    from .token_mass import ordinary_tokens, top_tokens_by_mass
+
     if n <= 0:
         return []
-    special = set(tokenizer.all_special_ids)
-    out = []
-    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if i in special or (token.startswith("<0x") and token.endswith(">")) or token.startswith("<unused"):
-            continue
-        out.append(token)
-        if len(out) >= n:
-            break
-    return out
+    if mass is not None:
+        return top_tokens_by_mass(tokenizer, mass, n)
+    return [token for token, _ in ordinary_tokens(tokenizer)[:n]]
 
 
-def trimmed_base_tokenizer(tokenizer, texts, trim=True, keep_top=0):
+def trimmed_base_tokenizer(tokenizer, texts, trim=True, keep_top=0, mass=None):
     """(student tokenizer, `vocab_trim.VocabTrim`): ``tokenizer`` trimmed to what ``texts`` ({cap: TrainingText})
-    use (checked to encode every chunk exactly as ``tokenizer`` does), or kept whole with ``trim=False``."""
+    use (checked to encode every chunk exactly as ``tokenizer`` does) plus ``keep_top`` more tokens (`top_tokens`:
+    by id, or by the teacher's next-token ``mass``), or kept whole with ``trim=False``."""
     from .vocab_trim import VocabTrim, kept_vocabulary, trim_tokenizer
 
     chunks = [c for t in texts.values() for c in t.chunks]
     if not trim:
         return tokenizer, VocabTrim(list(range(len(tokenizer))), len(tokenizer), {"not trimmed": len(tokenizer)})
-    plan = kept_vocabulary(tokenizer, chunks, extra_tokens=top_tokens(tokenizer, keep_top))
+    plan = kept_vocabulary(tokenizer, chunks, extra_tokens=top_tokens(tokenizer, keep_top, mass))
     with tempfile.TemporaryDirectory(prefix="nexus-base-vocab-") as tmp:
         trimmed = trim_tokenizer(tokenizer, plan, Path(tmp) / "tokenizer", check_texts=chunks)
     return trimmed, plan
 
 
-def base_vocabulary(recipe, profile, texts, folders, base_teacher=None, trim=True, params=None, keep_top=0):
-    """The student tokenizer (carrying its `BaseVocabulary` as ``.nexus_base``) and that `BaseVocabulary`."""
+def extra_token_mass(folder, tokenizer, texts, positions):
+    """(mass, record): the base teacher's next-token mass over ``texts`` (`token_mass`), its model loaded from
+    ``folder`` (fp32 weights, bf16 autocast) and freed before returning."""
+    import gc
+    import time
+
+    from .teacher_source import load_teacher
+    from .token_mass import teacher_token_mass
+
+    start = time.perf_counter()
+    model, _ = load_teacher(folder, dtype=torch.float32, with_tokenizer=False)
+    mass = teacher_token_mass(model, tokenizer, texts, positions_per_capability=positions)
+    del model
+    gc.collect()
+    return mass, {"by": "teacher_mass", "positions_per_capability": positions,
+                  "seconds": round(time.perf_counter() - start, 1)}
+
+
+def base_vocabulary(recipe, profile, texts, folders, base_teacher=None, trim=True, params=None, keep_top=0,
+                    keep_top_by="teacher_mass", mass_positions=4096):
+    """The student tokenizer (carrying its `BaseVocabulary` as ``.nexus_base``) and that `BaseVocabulary`.
+    ``keep_top`` more tokens are kept by ``keep_top_by``: ``teacher_mass`` (the base teacher's next-token mass over
+    ``mass_positions`` positions of each capability's text, `token_mass`) or ``id``."""
     from .vocab_trim import VocabTrimError
 
     name, teacher_tok, choice = choose_base_teacher(recipe, profile, texts, folders, base_teacher, params)
+    mass = None
+    if trim and keep_top > 0:
+        if keep_top_by == "teacher_mass":
+            mass, choice["extra_tokens"] = extra_token_mass(folders[name], teacher_tok, texts, mass_positions)
+        else:
+            choice["extra_tokens"] = {"by": "id"}
+        choice["extra_tokens"]["requested"] = keep_top
     try:
-        tokenizer, plan = trimmed_base_tokenizer(teacher_tok, texts, trim, keep_top)
+        tokenizer, plan = trimmed_base_tokenizer(teacher_tok, texts, trim, keep_top, mass)
     except VocabTrimError as exc:
         raise BaseVocabularyError(f"base teacher {name!r}: its vocabulary cannot be trimmed ({exc}); set "
                                   "stages.student_build.trim_vocabulary: false to keep all of it") from None

@@ -154,6 +154,10 @@ for _v in (
     Variant("no_teacher_embedding", "ablation", "shared embedding from the teachers off (random rows)",
             "towers from the teachers as NEXUS, but the shared embedding randomly initialised",
             student_build={"embedding_init": "random"}),
+    Variant("vocab_by_id", "ablation", "extra vocabulary by id (not by the teacher's next-token mass)",
+            "as NEXUS, but the trimmed base vocabulary's keep_top_tokens extra tokens are the tokenizer's first by id "
+            "instead of those the base teacher gives the most next-token mass on the training text",
+            student_build={"keep_top_by": "id"}),
     Variant("no_localisation", "ablation", "localisation off",
             "", not_run="not_a_switch",
             reason="nothing to switch off: NEXUS's default pipeline does not run the localise stage (it is optional "

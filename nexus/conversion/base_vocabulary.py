@@ -16,7 +16,10 @@ encodes to, plus its special tokens, its byte-fallback tokens (or byte-level alp
 intermediate, so the capabilities' text encodes to exactly the teacher's tokens (checked on every chunk: nothing is
 written otherwise) and any other text still encodes (in more, shorter pieces; a tokenizer with neither byte fallback
 nor a byte alphabet maps unknown characters to its unk token, as the teacher does). ``trim_vocabulary: false`` keeps
-the whole vocabulary. New ids follow the teacher's order: ``kept_ids[new_id] == teacher_id``.
+the whole vocabulary. ``keep_top_tokens: N`` keeps N more ordinary tokens (and their merge paths), so text the
+training text never used is split less: by default those the base teacher gives the most next-token probability on
+the capabilities' training text (`token_mass`, ``keep_top_by: teacher_mass``), or the first by id (``id``). New ids
+follow the teacher's order: ``kept_ids[new_id] == teacher_id``.
 
 **What is copied exactly** (`copy_base_head`, from the teacher's safetensors; nothing else of it is loaded): the
 embedding rows ``E[kept_ids]``, the LM head rows ``W[kept_ids]`` (tied to the embedding iff the teacher ties), the

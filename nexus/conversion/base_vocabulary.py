@@ -269,6 +269,7 @@ def extra_token_mass(folder, tokenizer, texts, positions):
     import gc
     import time
 
+    from .peak_rss import release_freed_memory
     from .teacher_source import load_teacher
     from .token_mass import teacher_token_mass
 
@@ -277,6 +278,7 @@ def extra_token_mass(folder, tokenizer, texts, positions):
     mass = teacher_token_mass(model, tokenizer, texts, positions_per_capability=positions)
     del model
     gc.collect()
+    release_freed_memory()  # the teacher and its full-vocabulary logits: later phases must not stack on that heap
     return mass, {"by": "teacher_mass", "positions_per_capability": positions,
                   "seconds": round(time.perf_counter() - start, 1)}
 

@@ -40,19 +40,28 @@ class BudgetError(ValueError):
 # ---------------------------------------------------------------------------------------------- counting
 
 
-def layer_parameter_count(spec, hidden, heads, kv_heads, head_dim, ffn):
-    """Parameters of one decoder layer of tower ``spec`` at residual width ``hidden`` with the given widths."""
+def _matrix(in_f, out_f, rank=None):
+    """Weights of one projection: dense ``in x out``, or its two factors ``rank x (in + out)``."""
+    return in_f * out_f if rank is None else rank * (in_f + out_f)
+
+
+def layer_parameter_count(spec, hidden, heads, kv_heads, head_dim, ffn, ranks=None):
+    """Parameters of one decoder layer of tower ``spec`` at residual width ``hidden`` with the given widths
+    (``ranks``: the layer's factored projections, ``{name: rank}``)."""
+    r = ranks or {}
     total = 0
     if heads > 0:
         q, kv = heads * head_dim, kv_heads * head_dim
         total += hidden  # input_layernorm
-        total += hidden * (q + 2 * kv) + (q + 2 * kv if spec["attention_bias"] else 0)
-        total += q * hidden + (hidden if spec["attention_out_bias"] else 0)
+        total += _matrix(hidden, q, r.get("q_proj")) + _matrix(hidden, kv, r.get("k_proj"))
+        total += _matrix(hidden, kv, r.get("v_proj")) + (q + 2 * kv if spec["attention_bias"] else 0)
+        total += _matrix(q, hidden, r.get("o_proj")) + (hidden if spec["attention_out_bias"] else 0)
         total += 2 * head_dim if spec["qk_norm"] else 0
         total += hidden if spec["sandwich_norms"] else 0
     if ffn > 0:
         total += hidden  # pre_feedforward_layernorm
-        total += 3 * hidden * ffn + (2 * ffn + hidden if spec["mlp_bias"] else 0)
+        total += _matrix(hidden, ffn, r.get("gate_proj")) + _matrix(hidden, ffn, r.get("up_proj"))
+        total += _matrix(ffn, hidden, r.get("down_proj")) + (2 * ffn + hidden if spec["mlp_bias"] else 0)
         total += hidden if spec["sandwich_norms"] else 0
     return total
 
@@ -78,7 +87,8 @@ def config_parameter_count(config):
     for spec in config.towers:
         for layer in spec["layers"]:
             layers += layer_parameter_count(spec, spec["hidden_size"], layer["num_attention_heads"],
-                                            layer["num_key_value_heads"], layer["head_dim"], layer["intermediate_size"])
+                                            layer["num_key_value_heads"], layer["head_dim"], layer["intermediate_size"],
+                                            layer.get("ranks"))
     total = embedding + other + layers
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 

@@ -51,7 +51,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .atomic_output import atomic_dir, atomic_file, check_output_vs_sources
-from .budget import AllocationOptions, BudgetError, allocate, config_parameter_count, resolve_budget
+from .budget import AllocationOptions, Budget, BudgetError, allocate, config_parameter_count, resolve_budget
 from .calibration import calibration_text, token_windows
 from .decoder_units import DecoderUnits
 from .importance import SCORERS, make_scorer
@@ -93,7 +93,13 @@ class VocabOptions(_Strict):
 class LowRankOptions(_Strict):
     method: Literal["activation", "weight"] = Field(
         "activation", description="activation-aware SVD in the capabilities' input subspace, or plain weight SVD")
-    keep: float = Field(0.5, gt=0, lt=1, description="each projection's factors hold this share of its parameters")
+    keep: float = Field(0.5, gt=0, lt=1, description="each projection's factors hold about this share of its "
+                                                    "parameters; with store: factors the tower is first pruned to "
+                                                    "budget / keep, then factorised to fit the budget exactly")
+    store: Literal["factors", "dense"] = Field(
+        "factors", description="factors: each projection stored as its two factors (low_rank_linear.py), so the "
+                               "option saves parameters and the budget is the factored model's size; dense: the "
+                               "rank-r product written back (quality only, the pruned size)")
 
 
 class CompressOptions(_Strict):
@@ -221,6 +227,11 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
             raise CompressError("no budget: set stages.compress.budget or student.budget")
         b = options.budget
         budget = resolve_budget(b.params, b.fraction, b.memory_gb, b.counts, teacher_counts=teacher_counts)
+    final_budget = budget
+    if options.low_rank is not None and options.low_rank.store == "factors":  # prune to budget / keep, then factorise
+        budget = Budget(min(int(budget.params / options.low_rank.keep), teacher_counts[budget.counts]),
+                        budget.counts, f"{budget.source}; pruned to / keep {options.low_rank.keep:g} before the "
+                                       "low-rank factorisation")
     scorer = make_scorer(options.scorer, **options.scorer_options)
     allocation = options.allocation or scorer.allocation
     weights = {c.name: c.weight for c in capabilities}
@@ -319,7 +330,7 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
 
     # 5. low rank
     if options.low_rank is not None:
-        from .low_rank import input_covariances, low_rank_model, weighted_covariances
+        from .low_rank import fit_keep, input_covariances, low_rank_model, weighted_covariances
 
         t2 = time.time()
         covs = None
@@ -328,10 +339,28 @@ def compress_model(model, tokenizer, capabilities, options=None, budget=None, fe
                 {c.name: input_covariances(student, token_windows(student_tok, c.text, options.calibration_tokens,
                                                                   options.window_tokens), autocast=options.autocast)
                  for c in capabilities}, weights)
-        student, report = low_rank_model(student, options.low_rank.keep, options.low_rank.method, covs)
-        record["low_rank"] = report
-        record["notes"].append(f"low rank ({report['method']}): stored dense; factored it would hold "
-                               f"{report['factored_params']:,} of {report['dense_params']:,} projection params")
+        keep = options.low_rank.keep
+        if options.low_rank.store == "factors":
+            counts = config_parameter_count(student.config)
+            keep = fit_keep(student, final_budget.params + counts["total"] - counts[final_budget.counts])
+        if keep is None:
+            record["notes"].append("low rank: the pruned tower already fits the budget; not factorised")
+        else:
+            student, report = low_rank_model(student, keep, options.low_rank.method, covs,
+                                             store=options.low_rank.store)
+            record["low_rank"] = report
+            if options.low_rank.store == "factors":
+                record["params"]["pruned"] = record["params"]["student"]
+                record["params"]["student"] = config_parameter_count(student.config)
+                if record["params"]["student"]["total"] != parameter_count(student):
+                    raise RuntimeError("the factored tower's parameter count does not match its config")
+                record["budget"]["final"] = final_budget.params
+            record["notes"].append(
+                f"low rank ({report['method']}, keep {keep:.3f}): "
+                + (f"stored as factors, {report['factored_params']:,} instead of {report['dense_params']:,} "
+                   "projection params" if options.low_rank.store == "factors" else
+                   f"stored dense; factored it would hold {report['factored_params']:,} of "
+                   f"{report['dense_params']:,} projection params"))
         timings["low_rank"] = time.time() - t2
     timings["total"] = time.time() - t0
     record["seconds"] = {k: round(v, 2) for k, v in timings.items()}

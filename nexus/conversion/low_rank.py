@@ -13,10 +13,10 @@ with ``C = X^T X / n`` the input covariance on the capability's calibration toke
 Several capabilities give ``C = sum_c w_c C_c / sum_c w_c`` with the recipe's weights, so the factorisation keeps the
 subspace the weighted capabilities use.
 
-Storage: `NexusForCausalLM` has no factorised linear yet, so `low_rank_model` writes the rank-r product back as a
-dense weight. That measures the *quality* of a rank-r model (what the comparison needs), not its size; the factored
-size ``r * (in + out)`` per matrix is reported alongside. Storing the factors needs a modeling change (a per-layer
-``ranks`` field and a two-matrix linear), described in the compression report.
+Storage (``store``): ``"factors"`` replaces each projection of a Nexus tower by a `NexusLowRankLinear` holding ``B`` and
+``A`` and records the rank in the layer spec's ``ranks`` (``r * (in + out)`` parameters instead of ``in * out``: the
+model gets smaller and saves / loads as any Nexus checkpoint); ``"dense"`` writes the rank-r product back as a dense
+weight (the same outputs at the dense size: what a quality-only comparison of the two factorisations needs).
 """
 
 import contextlib
@@ -113,25 +113,39 @@ def output_error(weight, approx, covariance):
     return float((num / den).clamp(min=0).sqrt())
 
 
-def low_rank_model(model, keep, method, covariances=None, tower=None, modules=ATTENTION + MLP, damping=1e-2):
-    """``(copy of model with every projection replaced by its rank-r reconstruction, report)``.
+STORES = ("dense", "factors")
 
-    ``keep`` sets each matrix's rank so that its factors would hold ``keep`` x its parameters (`rank_for`), the same
-    rank for both ``method`` values. ``covariances`` (from `input_covariances`) are required for ``"activation"``
-    and, when given, also used to report each method's error on the calibration inputs.
+
+def low_rank_model(model, keep, method, covariances=None, tower=None, modules=ATTENTION + MLP, damping=1e-2,
+                   store="dense"):
+    """``(copy of model with every projection replaced by its rank-r approximation, report)``.
+
+    ``keep`` sets each matrix's rank so that its factors hold ``keep`` x its parameters (`rank_for`), the same rank
+    for both ``method`` values. ``covariances`` (from `input_covariances`) are required for ``"activation"`` and, when
+    given, also used to report each method's error on the calibration inputs. ``store``: ``"dense"`` (the rank-r
+    product written back, same size) or ``"factors"`` (a Nexus model only: the factors themselves, smaller).
     """
+    from nexus.modeling_nexus.low_rank_linear import NexusLowRankLinear
+
     if method not in METHODS:
         raise ValueError(f"low-rank method must be one of {METHODS}, got {method!r}")
+    if store not in STORES:
+        raise ValueError(f"low-rank store must be one of {STORES}, got {store!r}")
     if not 0 < keep < 1:
         raise ValueError(f"keep must be in (0, 1): the factors' share of the dense parameters, got {keep}")
     if method == "activation" and covariances is None:
         raise ValueError("the activation-aware factorisation needs input covariances (input_covariances)")
     result = copy.deepcopy(model)
     units = DecoderUnits(result, tower)
+    if store == "factors" and not units.is_nexus:
+        raise ValueError("store='factors' needs a Nexus model (its layer specs record the ranks); "
+                         f"this is {result.config.model_type!r}")
     dense = factored = 0
     errors = []
     with torch.no_grad():
         for key, linear in _linears(units, modules).items():
+            if not isinstance(linear, torch.nn.Linear):
+                raise ValueError(f"layer {key[0]} {key[1]} is already factored; factorise a dense tower")
             w = linear.weight
             r = rank_for(tuple(w.shape), keep)
             cov = covariances.get(key) if covariances is not None else None
@@ -139,11 +153,46 @@ def low_rank_model(model, keep, method, covariances=None, tower=None, modules=AT
             approx = (b @ a).to(w.dtype)
             if cov is not None:
                 errors.append(output_error(w, approx, cov))
-            w.copy_(approx)
             dense += w.numel()
             factored += r * (w.shape[0] + w.shape[1])
-    report = {"method": method, "keep": keep, "dense_params": dense, "factored_params": factored,
-              "stored": "dense reconstruction (modeling_nexus has no factorised linear): quality, not size"}
+            if store == "dense":
+                w.copy_(approx)
+                continue
+            low = NexusLowRankLinear(w.shape[1], w.shape[0], r, bias=linear.bias is not None).to(w.dtype)
+            low.factor_a.weight.copy_(a.to(w.dtype))
+            low.factor_b.weight.copy_(b.to(w.dtype))
+            if linear.bias is not None:
+                low.factor_b.bias.copy_(linear.bias)
+            info = units.layers[key[0]]
+            setattr(info.attn if key[1] in ATTENTION else info.mlp, key[1], low)
+            spec = result.config.towers[units.tower_index]["layers"][key[0]]
+            spec["ranks"] = {**spec.get("ranks", {}), key[1]: r}
+    report = {"method": method, "keep": keep, "dense_params": dense, "factored_params": factored, "store": store}
     if errors:
         report["mean_relative_output_error"] = sum(errors) / len(errors)
     return result, report
+
+
+def fit_keep(model, target, tower=None, modules=ATTENTION + MLP):
+    """The ``keep`` whose factored model holds at most ``target`` parameters (the dense-stored parameters of
+    ``model``, minus what factorising every projection at that keep saves); ``None`` when even the dense model fits.
+    Raises ``ValueError`` when factorising cannot reach ``target`` (rank 1 everywhere is still too large)."""
+    from .structured_prune import parameter_count
+
+    total = parameter_count(model)
+    if total <= target:
+        return None
+    shapes = [tuple(linear.weight.shape) for linear in _linears(DecoderUnits(model, tower), modules).values()]
+    dense = sum(o * i for o, i in shapes)
+
+    def size(keep):
+        return total - dense + sum(rank_for(s, keep) * (s[0] + s[1]) for s in shapes)
+
+    if size(1e-9) > target:
+        raise ValueError(f"factorising every projection at rank 1 still leaves {size(1e-9):,} parameters, over "
+                         f"the target of {target:,}")
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(mid) <= target else (lo, mid)
+    return lo

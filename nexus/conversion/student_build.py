@@ -105,6 +105,7 @@ from ..modeling_nexus import NexusConfig, NexusForCausalLM
 from . import base_vocabulary
 from .atomic_output import atomic_dir, atomic_file, check_output_vs_sources
 from .budget import Budget, config_parameter_count, resolve_budget
+from .compress import LowRankOptions
 from .load_check import checked_load_state_dict
 from .recipe import Recipe, register_stage_options
 
@@ -204,6 +205,11 @@ class StudentBuildOptions(BaseModel):
                                           "of the causal resamples")
     chunk_chars: int = Field(400, ge=16, description="training text is cut into chunks of about this many characters")
     arithmetic_items: int = Field(2000, ge=10, description="bundled:arithmetic / reversal: generated training items")
+    low_rank: LowRankOptions | None = Field(
+        None, description="the manifold option (compress's low_rank): a pruned tower is pruned only to its budget / "
+                          "keep, then every projection is stored as two factors from the activation-aware SVD in "
+                          "its capabilities' input subspace, so it meets the same budget. Off by default: see "
+                          "bench/RESULTS.md for its measured effect at an equal parameter budget")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random parts (rows no teacher provides)")
 
 
@@ -403,7 +409,7 @@ def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget
     copts = CompressOptions(scorer=options.scorer, allocation=options.allocation, vocab={"trim": False},
                             calibration_tokens=options.calibration_tokens, selection_tokens=options.selection_tokens,
                             select_mix=options.select_mix, selection_heal_steps=options.selection_heal_steps,
-                            selection_heal_lr=options.selection_heal_lr,
+                            selection_heal_lr=options.selection_heal_lr, low_rank=options.low_rank,
                             window_tokens=min(options.window_tokens, max_pos))
     budget = Budget(tower_layer_budget + hidden, "non_embedding", f"tower {name}: {tower_layer_budget} layer params")
     capabilities = [Capability(cap, "\n".join(text.chunks), (weights or {}).get(cap, 1.0), text.source)
@@ -425,7 +431,7 @@ def _compress_tower(name, teacher_name, folder, dtype, texts, tower_layer_budget
                                                                "kept", "notes", "note", "seconds", "scorer",
                                                                "capabilities", "critical", "localisation",
                                                                "feature_map", "allocation_candidates",
-                                                               "scorer_mix")}
+                                                               "scorer_mix", "low_rank")}
     del student, nexus
     gc.collect()
     return info

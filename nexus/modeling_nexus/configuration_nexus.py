@@ -19,6 +19,7 @@ import copy
 from transformers import PretrainedConfig
 
 from .audio_encoder import normalise_audio_encoder
+from .low_rank_linear import FACTORISABLE
 
 NORM_TYPES = ("rms", "gemma_rms")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -53,6 +54,8 @@ DECODER_LAYER_DEFAULTS = {
     "rope_scaling": None,
 }
 DECODER_LAYER_REQUIRED = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+# Optional, stored only when set: ``ranks`` ({projection: rank}) stores those projections as two factors
+# (low_rank_linear.py, the manifold option).
 # Optional, stored only when set: which positions a layer's text queries attend to when an encoder prefix (audio) sits
 # before the text: "all" (prefix and text, causal), "text" (text only: self-attention) or "prefix" (the prefix only:
 # cross-attention written as self-attention). Without a prefix, "prefix" leaves each query only itself.
@@ -62,6 +65,18 @@ LAYER_ATTENDS = ("all", "text", "prefix")
 def _check_int(value, where, minimum=0):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_ranks(ranks, where):
+    """A layer's optional ``ranks``: ``{projection: rank}`` for the projections stored as two factors."""
+    if ranks is None:
+        return
+    if not isinstance(ranks, dict) or not ranks:
+        raise ValueError(f"{where} must be a non-empty dict {{projection: rank}}, got {ranks!r}")
+    for name, rank in ranks.items():
+        if name not in FACTORISABLE:
+            raise ValueError(f"{where}: unknown projection {name!r}; factorisable: {', '.join(FACTORISABLE)}")
+        _check_int(rank, f"{where}.{name}", 1)
 
 
 def normalise_decoder_tower(spec, where, shared_hidden_size):
@@ -98,11 +113,12 @@ def normalise_decoder_tower(spec, where, shared_hidden_size):
         missing = [k for k in DECODER_LAYER_REQUIRED if k not in layer]
         if missing:
             raise ValueError(f"{lw}: missing field(s) {missing}")
-        unknown = set(layer) - set(DECODER_LAYER_REQUIRED) - set(DECODER_LAYER_DEFAULTS) - {"attends"}
+        unknown = set(layer) - set(DECODER_LAYER_REQUIRED) - set(DECODER_LAYER_DEFAULTS) - {"attends", "ranks"}
         if unknown:
             raise ValueError(f"{lw}: unknown field(s) {sorted(unknown)}")
         if layer.get("attends", "all") not in LAYER_ATTENDS:
             raise ValueError(f"{lw}.attends must be one of {LAYER_ATTENDS}, got {layer['attends']!r}")
+        _check_ranks(layer.get("ranks"), f"{lw}.ranks")
         full = {**DECODER_LAYER_DEFAULTS, **copy.deepcopy(layer)}
         for key in DECODER_LAYER_REQUIRED:
             _check_int(full[key], f"{lw}.{key}", 0)

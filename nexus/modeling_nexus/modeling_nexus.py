@@ -31,6 +31,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .audio_encoder import NexusAudioEncoder  # noqa: F401  (registers encoder type "whisper_audio")
 from .configuration_nexus import NexusConfig
+from .low_rank_linear import projection
 from .registry import register, resolve
 from .transcribe import transcribe_audio
 
@@ -136,10 +137,11 @@ class NexusAttention(nn.Module):
         self.scaling = scalar**-0.5
         self.softcap = tower_spec["attn_logit_softcapping"]
         bias, out_bias = tower_spec["attention_bias"], tower_spec["attention_out_bias"]
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
+        ranks = layer_spec.get("ranks") or {}  # factored projections (low_rank_linear.py)
+        self.q_proj = projection(hidden, self.num_heads * self.head_dim, bias, ranks.get("q_proj"))
+        self.k_proj = projection(hidden, self.num_kv_heads * self.head_dim, bias, ranks.get("k_proj"))
+        self.v_proj = projection(hidden, self.num_kv_heads * self.head_dim, bias, ranks.get("v_proj"))
+        self.o_proj = projection(self.num_heads * self.head_dim, hidden, out_bias, ranks.get("o_proj"))
         if tower_spec["qk_norm"]:
             eps, kind = tower_spec["rms_norm_eps"], tower_spec["norm"]
             self.q_norm = NexusRMSNorm(self.head_dim, eps, kind)
@@ -186,12 +188,12 @@ class NexusAttention(nn.Module):
 class NexusMLP(nn.Module):
     """Gated MLP: ``down(act(gate(x)) * up(x))``; SwiGLU with ``silu``, GeGLU with ``gelu_pytorch_tanh``."""
 
-    def __init__(self, tower_spec, intermediate_size):
+    def __init__(self, tower_spec, intermediate_size, ranks=None):
         super().__init__()
-        hidden, bias = tower_spec["hidden_size"], tower_spec["mlp_bias"]
-        self.gate_proj = nn.Linear(hidden, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden, bias=bias)
+        hidden, bias, ranks = tower_spec["hidden_size"], tower_spec["mlp_bias"], ranks or {}
+        self.gate_proj = projection(hidden, intermediate_size, bias, ranks.get("gate_proj"))
+        self.up_proj = projection(hidden, intermediate_size, bias, ranks.get("up_proj"))
+        self.down_proj = projection(intermediate_size, hidden, bias, ranks.get("down_proj"))
         self.act_fn = ACT2FN[tower_spec["hidden_act"]]
 
     def forward(self, x):
@@ -220,7 +222,7 @@ class NexusDecoderLayer(GradientCheckpointingLayer):
                 self.post_attention_layernorm = NexusRMSNorm(hidden, eps, kind)
         if layer_spec["intermediate_size"] > 0:
             self.pre_feedforward_layernorm = NexusRMSNorm(hidden, eps, kind)
-            self.mlp = NexusMLP(tower_spec, layer_spec["intermediate_size"])
+            self.mlp = NexusMLP(tower_spec, layer_spec["intermediate_size"], layer_spec.get("ranks"))
             if sandwich:
                 self.post_feedforward_layernorm = NexusRMSNorm(hidden, eps, kind)
 

@@ -273,6 +273,19 @@ def base_recipe_sha256(base_raw: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def resolved_recipe_sha256(base_recipe) -> str:
+    """The base recipe as the installed code resolves it (every stage's options with their defaults filled in), as a
+    hash, without the run folder and the distill step count. `base_recipe_sha256` hashes the file as written, so it
+    cannot see a changed code default (a new ``keep_top_by`` default once paired records built on two vocabularies);
+    two records that both carry this hash pair only when it matches (`results.unpaired_reason`). A new option changes
+    it even where its default keeps the old behaviour: such records must be re-run to pair, the safe side."""
+    body = base_recipe.model_dump(mode="json")
+    body.pop("run_dir", None)
+    for key in ("steps", "checkpoint_every"):
+        (body.get("stages", {}).get("distill") or {}).pop(key, None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def recipe_file_raw(path: Path, run_dir: Path) -> dict:
     """A recipe file's raw dict with its run folder replaced and every relative teacher source or cache folder made
     absolute (relative to the file), so the recipe validates from ``run_dir``."""
@@ -544,6 +557,7 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
     base_sha = base_recipe_sha256(base_raw)
     console.rule(f"[bold]profile (shared by every variant), scale {scale}")
     base_recipe = validate_recipe(base_raw, base_dir=run_dir)
+    resolved_sha = resolved_recipe_sha256(base_recipe)
     profile = run_profile(base_recipe, console=console, show_progress=show_progress)
     console.print(f"best teachers: {profile['best']}" + (" (reused)" if profile.get("reused") else ""))
     teachers = teachers or recipe_teacher_folders(base_recipe)  # after the profile: a GGUF is converted by now
@@ -557,7 +571,9 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
             previous = json.loads(path.read_text())
             same = previous.get("scale") == scale and (not runs_it or previous.get("status") == "not_feasible"
                                                        or (previous.get("train", {}).get("steps") == steps
-                                                           and previous.get("base_recipe_sha256") == base_sha))
+                                                           and previous.get("base_recipe_sha256") == base_sha
+                                                           and previous.get("resolved_recipe_sha256",
+                                                                            resolved_sha) == resolved_sha))
             if same:
                 results[name] = previous
                 console.print(f"[dim]{name}: {path} exists, skipped (--force reruns it)[/]")
@@ -580,6 +596,7 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
             console.print(f"[yellow]{name}: not feasible: {exc}[/]")
             continue
         body["base_recipe_sha256"] = base_sha
+        body["resolved_recipe_sha256"] = resolved_sha
         write_variant_json(out, variant, order, scale, body)
         results[name] = body
         m = body["min"]

@@ -89,11 +89,14 @@ def same_teacher_rows(a, b) -> bool:
 def unpaired_reason(a: dict, b: dict) -> str | None:
     """Why two records must not be compared item by item (None: they may): built from different base recipes
     (`compare_methods.base_recipe_sha256`; records from before the hash was recorded carry none, and pair only with
-    each other)."""
+    each other), or, when both record it, resolved with other code defaults (`compare_methods.resolved_recipe_sha256`)."""
     ha, hb = a.get("base_recipe_sha256"), b.get("base_recipe_sha256")
     if ha != hb:
         return ("built from another base recipe: re-run" if ha and hb else
                 "one run predates the current base recipe: re-run it")
+    ra, rb = a.get("resolved_recipe_sha256"), b.get("resolved_recipe_sha256")
+    if ra and rb and ra != rb:  # (records from before this hash was recorded pair by the file's hash alone)
+        return "built with other code defaults (the resolved recipe differs): re-run"
     return None
 
 

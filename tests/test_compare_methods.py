@@ -265,3 +265,32 @@ def test_runs_of_another_base_recipe_are_not_paired(compared, tmp_path):
         rows, _ = ablation.ablation_rows("0.25", {"nexus": nexus, "no_lmc": switched}, results.paired_delta,
                                          results.verdict, results.fmt_ci)
         assert rows[0][-1] == ablation.UNPAIRED and rows[0][-2] == "–"
+
+
+def test_runs_resolved_with_other_code_defaults_are_not_paired(compared, llama_dir, tmp_path):
+    """The file's hash cannot see a changed code default; the resolved recipe's hash can. Two records that carry it
+    pair only when it matches; a record from before it was recorded still pairs by the file's hash."""
+    compare, root, _, _ = compared
+    results = _load("results")
+    nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
+    assert len(nexus["resolved_recipe_sha256"]) == 64
+    assert nexus["resolved_recipe_sha256"] == dense["resolved_recipe_sha256"]
+    assert results.paired_delta(dense, nexus) is not None
+    other_defaults = {**dense, "resolved_recipe_sha256": "1" * 64}
+    assert results.paired_delta(other_defaults, nexus) is None
+    assert "code defaults" in results.unpaired_reason(other_defaults, nexus)
+    older = {k: v for k, v in dense.items() if k != "resolved_recipe_sha256"}
+    assert results.paired_delta(older, nexus) is not None
+    from nexus.conversion.recipe import validate_recipe
+
+    raw = {"name": "r", "run_dir": str(tmp_path / "run"), "teachers": [{"name": "t", "source": str(llama_dir)}],
+           "capabilities": [{"name": "prose", "probe": "lm", "data": "bundled:prose"}],
+           "stages": {"student_build": {}}}
+    base = validate_recipe(raw, base_dir=tmp_path)
+    explicit = validate_recipe({**raw, "stages": {"student_build": {"keep_top_by": "teacher_mass"}}}, base_dir=tmp_path)
+    changed = validate_recipe({**raw, "stages": {"student_build": {"keep_top_by": "id"}}}, base_dir=tmp_path)
+    # writing a default out changes the file's hash but not the resolved one; changing it changes both
+    assert compare.base_recipe_sha256(raw) != compare.base_recipe_sha256(
+        {**raw, "stages": {"student_build": {"keep_top_by": "teacher_mass"}}})
+    assert compare.resolved_recipe_sha256(base) == compare.resolved_recipe_sha256(explicit)
+    assert compare.resolved_recipe_sha256(base) != compare.resolved_recipe_sha256(changed)

@@ -11,8 +11,18 @@ from test_student_build_baselines import _build
 from transformers import AutoModelForCausalLM
 
 from nexus.conversion.budget import config_parameter_count
-from nexus.conversion.compress import CompressOptions, LowRankOptions, compress_model, write_compressed
-from nexus.conversion.low_rank import fit_keep, input_covariances, low_rank_model, rank_for
+from nexus.conversion.compress import (
+    CompressOptions,
+    LowRankOptions,
+    compress_model,
+    write_compressed,
+)
+from nexus.conversion.low_rank import (
+    fit_keep,
+    input_covariances,
+    low_rank_model,
+    rank_for,
+)
 from nexus.conversion.structured_prune import parameter_count
 from nexus.conversion.teacher_import import nexus_from_teacher
 from nexus.modeling_nexus import NexusConfig
@@ -79,7 +89,7 @@ def test_compress_with_factors_meets_the_budget_it_would_prune_to(tmp_path):
     model = nexus_from_teacher(tiny_teacher("llama"))
     kw = {"scorer": "capability", "allocation": "uniform", "budget": {"fraction": 0.5}, "calibration_tokens": 256,
           "window_tokens": 32}
-    pruned, _, plain = compress_model(model, char_tokenizer(), _capabilities(), CompressOptions(**kw))
+    _, _, plain = compress_model(model, char_tokenizer(), _capabilities(), CompressOptions(**kw))
     student, tok, record = compress_model(model, char_tokenizer(), _capabilities(),
                                           CompressOptions(**kw, low_rank={"keep": 0.6, "method": "activation"}))
     budget = plain["budget"]["params"]
@@ -105,3 +115,25 @@ def test_student_build_low_rank_keeps_the_budget_with_factored_towers(two_teache
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_lora_targets_the_factors_of_a_factored_model():
+    peft = pytest.importorskip("peft")
+    model = nexus_from_teacher(tiny_teacher("llama")).eval()
+    factored, _ = low_rank_model(model, 0.5, "weight", store="factors")
+    lora = peft.get_peft_model(factored, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["factor_a", "factor_b"],
+                                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".q_proj.factor_a.lora_A" in n for n in trainable) and any(".down_proj.factor_b.lora_B" in n
+                                                                         for n in trainable)
+    ids = _ids()
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(8):
+        loss = lora(input_ids=ids, labels=ids).loss
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert lora(input_ids=ids, labels=ids).loss.item() < first

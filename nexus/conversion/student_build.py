@@ -208,8 +208,10 @@ class StudentBuildOptions(BaseModel):
     low_rank: LowRankOptions | None = Field(
         None, description="the manifold option (compress's low_rank): a pruned tower is pruned only to its budget / "
                           "keep, then every projection is stored as two factors from the activation-aware SVD in "
-                          "its capabilities' input subspace, so it meets the same budget. Off by default: see "
-                          "bench/RESULTS.md for its measured effect at an equal parameter budget")
+                          "its capabilities' input subspace, so it meets the same budget. Off by default: measured at "
+                          "one point so far (Gemma size sweep 0.25: +0.045 [+0.036, +0.053] on the minimum "
+                          "retention, bench/RESULTS.md §5), and a factored projection's LoRA targets are factor_a / "
+                          "factor_b, not q_proj etc.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random parts (rows no teacher provides)")
 
 

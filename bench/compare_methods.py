@@ -77,6 +77,9 @@ SCALES = {
              "runs": ARTEFACTS / "compare-runs" / "test", "groups": ("nexus", "baseline", "ablation")},
     "gemma": {"recipe": HERE / "recipes" / "consolidate_real.yaml", "steps": 200, "out": RESULTS / "compare-gemma",
               "runs": ARTEFACTS / "compare-runs" / "gemma", "groups": ("nexus", "baseline")},
+    # issue 17 item 3: Gemma + its code fine-tune + the arithmetic specialist, towers vs one merged tower
+    "gemma-pair": {"recipe": HERE / "recipes" / "gemma_pair.yaml", "steps": 100, "out": RESULTS / "gemma_pair",
+                   "runs": ARTEFACTS / "compare-runs" / "gemma-pair", "groups": ("nexus", "baseline", "ablation")},
 }
 
 
@@ -91,6 +94,7 @@ class Variant:
     student_build: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
     localise: bool = False  # run the localise stage first and hand its feature map to the student build
+    align: dict | None = None  # run the align stage with these options first (same-family teachers -> one tower)
     not_run: str | None = None  # "not_applicable" | "not_a_switch" (then `reason` says why)
     reason: str | None = None
     same_as: str | None = None  # an identical run under another name
@@ -186,6 +190,15 @@ for _v in (
             "projection is stored as the two factors of its activation-aware SVD in the capabilities' input "
             "subspace (SVD-LLM), sized so that the tower meets the same budget as NEXUS's pruning alone",
             student_build={"low_rank": {"keep": 0.75, "method": "activation"}}),
+    Variant("align_ot", "ablation", "align ON: same-family teachers OT-merged into one tower",
+            "the align stage runs after profile: tower teachers sharing an architecture and a tokenizer are merged by "
+            "optimal-transport unit matching on their capabilities' text, then averaged (ot_merge.py); the student "
+            "builds ONE tower from the merge, serving all their capabilities with their summed budget",
+            align={"method": "ot"}),
+    Variant("align_linear", "baseline", "(e) linear merge (mergekit linear) of same-family teachers, one tower",
+            "as 'align ON' but the members are averaged tensor by tensor without matching (mergekit's linear method, "
+            "equal weights); then the same compression and KD",
+            align={"method": "linear"}),
     Variant("no_lmc", "ablation", "LMC off",
             "the distilled end point as it is (no walk along init -> distilled for the best alpha)",
             distill={"lmc": False}),
@@ -273,6 +286,9 @@ def base_recipe_sha256(base_raw: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+HASHED_STAGES = ("compress", "distill", "localise", "profile", "student_build", "validate")
+
+
 def resolved_recipe_sha256(base_recipe) -> str:
     """The base recipe as the installed code resolves it (every stage's options with their defaults filled in), as a
     hash, without the run folder and the distill step count. `base_recipe_sha256` hashes the file as written, so it
@@ -281,6 +297,10 @@ def resolved_recipe_sha256(base_recipe) -> str:
     it even where its default keeps the old behaviour: such records must be re-run to pair, the safe side."""
     body = base_recipe.model_dump(mode="json")
     body.pop("run_dir", None)
+    # the stages whose options a record's numbers can depend on through the base recipe; a stage registered later
+    # (align) is not among them, so its arrival does not unpair every record: a variant that runs it records its
+    # options under ``switches``
+    body["stages"] = {k: v for k, v in (body.get("stages") or {}).items() if k in HASHED_STAGES}
     for key in ("steps", "checkpoint_every"):
         (body.get("stages", {}).get("distill") or {}).pop(key, None)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
@@ -435,9 +455,21 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
         fm = run_localise(recipe, console=console, show_progress=show_progress)
         memory.after("localise", fm["_reused"])
         feature_map = Path(fm["_path"]) / "feature_map.json"
+    aligned = None
+    if variant.align is not None:  # per variant: the merge method is the variant's switch
+        from nexus.conversion.align import run_align
+        from nexus.conversion.peak_rss import current_rss
+        from nexus.conversion.stage_memory import plan_align_ram
+
+        recipe.stages["align"] = type(recipe.stage("align")).model_validate(
+            {**recipe.stage("align").model_dump(), **variant.align})
+        memory.before("align", plan=plan_align_ram(recipe, current_rss() or 0, profile=profile))
+        aligned = run_align(recipe, profile, out=vdir / "align", console=console, force=force)
+        memory.after("align", aligned["reused"])
     memory.before("student_build", profile=profile)
     init, build = run_student_build(recipe, profile, out=vdir / "student_build", console=console,
-                                    show_progress=show_progress, force=force, feature_map=feature_map)
+                                    show_progress=show_progress, force=force, feature_map=feature_map,
+                                    aligned=aligned)
     memory.after("student_build", build["reused"])
     if build["params"] > build["budget"]["params"]:  # student_build refuses this; checked again for the table
         raise RuntimeError(f"{variant.name}: {build['params']} params over the budget {build['budget']['params']}")
@@ -471,6 +503,8 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
                   "batch_size": d_opts["batch_size"], "seq_len": d_opts["seq_len"], "lr": d_opts["lr"],
                   "micro_batches_per_step": len(distill["rows"]), "rows": distill["rows"], "loss": d_opts["loss"]},
         "heldout_ce": distill["heldout_ce"],
+        "align": ({"options": aligned["options"], "merged": aligned["merged"], "seconds": aligned.get("seconds")}
+                  if aligned else None),
         "lmc": ({k: distill["lmc"][k] for k in ("best_alpha", "best_score", "barrier")} if distill.get("lmc")
                 else None),
         "router_accuracy": distill["router_accuracy"]["overall"] if distill["router_accuracy"]["n"] else None,
@@ -487,7 +521,8 @@ def write_variant_json(out_dir: Path, variant: Variant, order: int, scale: str, 
     record = {"schema": SCHEMA, "variant": variant.name, "order": order, "group": variant.group,
               "label": variant.label, "method": variant.method,
               "switches": {"student_build": variant.student_build, "distill": variant.distill,
-                           **({"pipeline": "localise before student_build"} if variant.localise else {})},
+                           **({"pipeline": "localise before student_build"} if variant.localise else {}),
+                           **({"align": variant.align} if variant.align is not None else {})},
               "scale": scale, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.machine(), **body}
     path = Path(out_dir) / f"{variant.name}.json"

@@ -99,7 +99,7 @@ def add_general_text(point, method, force=False, long=False):
 def summary():
     """{point: {method: figures}} from every per-point JSON on disk; long-budget runs as ``<method>@long``."""
     out = {}
-    for folder in sorted(OUT.glob("*"), key=lambda p: float(p.name)):
+    for folder in sorted((p for p in OUT.glob("*") if p.is_dir()), key=lambda p: float(p.name)):
         for path in sorted(folder.glob("*.json")) + sorted((folder / LONG).glob("*.json")):
             r = json.loads(path.read_text())
             entry = {"status": r.get("status"), "reason": r.get("reason")}
@@ -182,7 +182,14 @@ def main():
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="write the JSON (and this sweep's summary and plot) under DIR instead of "
+                             "bench/results/size_sweep: a re-measurement on another machine, whose teacher scores "
+                             "differ in the last digits and so cannot pair with the committed records")
     args = parser.parse_args()
+    global OUT, SUMMARY, PLOT
+    if args.results_dir is not None:
+        OUT, SUMMARY, PLOT = args.results_dir, args.results_dir / "size_sweep.json", args.results_dir / "size_sweep.png"
     unknown = [p for p in args.points if p not in POINTS]
     if unknown:
         raise SystemExit(f"error: --points {unknown}: not in {list(POINTS)} (add a row to POINTS)")

@@ -294,3 +294,8 @@ def test_runs_resolved_with_other_code_defaults_are_not_paired(compared, llama_d
         {**raw, "stages": {"student_build": {"keep_top_by": "teacher_mass"}}})
     assert compare.resolved_recipe_sha256(base) == compare.resolved_recipe_sha256(explicit)
     assert compare.resolved_recipe_sha256(base) != compare.resolved_recipe_sha256(changed)
+    # an optional stage the comparison's base recipe does not run (align, registered later) leaves it unchanged
+    aligned = validate_recipe({**raw, "stages": {"student_build": {}, "align": {"method": "linear"}}},
+                              base_dir=tmp_path)
+    assert "align" in aligned.stages and "align" not in compare.HASHED_STAGES
+    assert compare.resolved_recipe_sha256(base) == compare.resolved_recipe_sha256(aligned)

@@ -137,3 +137,15 @@ def test_lora_targets_the_factors_of_a_factored_model():
         loss.backward()
         opt.step()
     assert lora(input_ids=ids, labels=ids).loss.item() < first
+
+
+def test_lora_all_linear_reaches_every_factor_of_a_factored_model():
+    """PEFT's ``target_modules="all-linear"`` finds the factors (they are nn.Linear); the router and head stay out."""
+    peft = pytest.importorskip("peft")
+    model = nexus_from_teacher(tiny_teacher("llama")).eval()
+    factored, _ = low_rank_model(model, 0.5, "weight", store="factors")
+    factors = {n for n, m in factored.named_modules() if n.endswith((".factor_a", ".factor_b"))}
+    lora = peft.get_peft_model(factored, peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    wrapped = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+               for n, _ in lora.named_parameters() if ".lora_A." in n}
+    assert factors and wrapped == factors

@@ -130,8 +130,9 @@ class CompressOptions(_Strict):
     batch_size: int = Field(2, ge=1, description="windows per forward/backward pass")
     feature_map: Path | None = Field(
         None, description="localisation feature map (default: runs/<name>/localise/feature_map.json when present)")
-    low_rank: LowRankOptions | None = Field(None, description="also factorise every projection (quality only: "
-                                                              "the checkpoint stores dense weights)")
+    low_rank: LowRankOptions | None = Field(None, description="also factorise every projection (the manifold "
+                                                              "option; its `store` says whether the checkpoint holds "
+                                                              "the factors or their dense product)")
     autocast: bool = Field(False, description="bf16 autocast for the calibration passes (off by default: measured "
                                               "7.5x slower than fp32 on this AVX2-only CPU, see bench/compress_real)")
 

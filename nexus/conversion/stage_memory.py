@@ -475,3 +475,25 @@ def plan_localise_ram(recipe, runtime, profile=None, student=None):
                                          **plans[spec.name]["assumptions"])
     return _largest(plans, "localise", one_teacher_resident=True)
 
+
+
+def plan_align_ram(recipe, runtime, profile=None, student=None):
+    """The align stage: per group of tower teachers, every member resident in fp32 at once, plus the merged copy, the
+    plain average and one calibration forward of each (no group: nothing loads). Without a profile every eligible
+    teacher is a candidate, an upper bound."""
+    options = recipe.stage("align")
+    teachers = _tower_teachers(recipe, profile)
+    infos = [(spec, teacher_footprint(recipe, spec)) for spec in teachers]
+    members = [(spec, info) for spec, info in infos if info["folder"] is not None]
+    if len(members) < 2:
+        return _largest({}, "align")
+    weights = sum(4 * info["params"] for _, info in members)
+    largest = max(4 * info["params"] for _, info in members)
+    activations = 0
+    for _, info in members:
+        acts = forward_activation_bytes(load_config(info["folder"]), 4, options.window_tokens, "fp32")
+        activations = max(activations, acts["layer_working_set"] + 2 * acts["logits"])
+    components = {"runtime": runtime, "members_fp32": weights, "merged_and_plain_average_fp32": 2 * largest,
+                  "forward_activations": activations,
+                  "tokenizer": max(tokenizer_bytes(info["folder"])["resident"] for _, info in members)}
+    return _plan("align", components, members=[spec.name for spec, _ in members])

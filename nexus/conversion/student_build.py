@@ -622,10 +622,12 @@ def dense_student(family_folder, student_tok, hidden_size, total_budget, order, 
 
 
 def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, show_progress=True,
-                  overwrite=True, inputs_digest=None, feature_map=None) -> tuple[Path, dict]:
+                  overwrite=True, inputs_digest=None, feature_map=None, merged=None) -> tuple[Path, dict]:
     """Build the student into ``out`` (atomically); returns (path, record). ``texts``: {cap: TrainingText}
     (default: `training_text` of every capability; only the served capabilities' are used); ``feature_map``: the
-    localise stage's feature_map.json (a path), used per ``localisation``."""
+    localise stage's feature_map.json (a path), used per ``localisation``; ``merged``: the align stage's merged
+    teachers ([{"name", "members", "folder"}, ...]): each builds ONE tower serving every capability its members were
+    best at, with their summed budget weight."""
     from .profile import dropped_capabilities
     from .run_paths import recipe_sources
     from .teacher_source import resolve_teacher_folder
@@ -639,7 +641,9 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
     chosen = tower_teachers(recipe, profile)  # {served capability: teacher}; raises when none is served
     dropped = dropped_capabilities(recipe, profile)
     order = list(chosen)
-    serves = teacher_towers(chosen)  # {teacher: [capability, ...]}: one tower each, in tower order
+    merged_from = {g["name"]: list(g["members"]) for g in merged or ()}
+    tower_of = {m: name for name, members in merged_from.items() for m in members}  # member -> its merged tower
+    serves = teacher_towers({cap: tower_of.get(t, t) for cap, t in chosen.items()})  # {teacher: [cap, ...]}
     if options.tokenizer == "auto":  # see StudentBuildOptions.tokenizer for why
         one_teacher = len(serves) == 1 and options.layout == "towers"
         mode = "base" if options.base_teacher is not None or one_teacher else "train_bpe"
@@ -650,6 +654,9 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         texts = student_training_texts(recipe)
     texts = {cap: texts[cap] for cap in order}  # a dropped capability trains neither the tokenizer nor a tower
     folders = {t.name: resolve_teacher_folder(t.source, t.allow_pickle, recipe.cache_dir) for t in recipe.teachers}
+    folders.update({g["name"]: Path(g["folder"]) for g in merged or ()})
+    spec_teacher = {**{t.name: recipe.teacher(t.name) for t in recipe.teachers},
+                    **{g["name"]: recipe.teacher(g["members"][0]) for g in merged or ()}}  # dtype: the first member's
     fm = None
     if feature_map is not None and options.localisation != "off":
         from .feature_map import load_feature_map
@@ -665,7 +672,8 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
     hidden = hidden or options.hidden_size or max(counts[t]["hidden_size"] for t in serves)
     matrices = base_vocabulary.embedding_matrices(student_tok)  # 2: the base teacher's untied LM head
     n = len(serves)  # router classes: one per tower
-    teachers_total = sum(c["total"] for c in counts.values())
+    # a merged tower counts its members: the budget is the same fraction whether or not align merged them
+    teachers_total = sum(teacher_counts(folders[t])["total"] for t in dict.fromkeys(chosen.values()))
     if options.budget_fraction is not None:
         total_budget = int(options.budget_fraction * teachers_total)
         budget_source = f"{options.budget_fraction:g} x the {teachers_total:,} params of the tower teachers"
@@ -696,7 +704,7 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
             from .tower_vocabulary import own_vocabulary_plan
 
             for t, caps in serves.items():
-                if t != base.teacher:
+                if t != tower_of.get(base.teacher, base.teacher):  # a merge holding the base teacher shares its rows
                     chunks = [c for cap in caps for c in texts[cap].chunks]
                     own[t] = own_vocabulary_plan(student_tok, load_tokenizer(folders[t]), chunks,
                                                  counts[t]["vocab_size"])
@@ -711,12 +719,14 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
         spec_of = {c.name: c for c in recipe.capabilities}
         towers = {}
         for name, caps in serves.items():  # one teacher resident at a time: each is loaded, compressed and freed
-            teacher = recipe.teacher(name)
+            teacher = spec_teacher[name]
             if console is not None:
                 keep = tower_budgets[name] / max(1, counts[name]["layers"])
                 console.print(f"  tower {name} ({', '.join(caps)}): {counts[name]['layers']:,} layer params -> "
                               f"{tower_budgets[name]:,} (keep {keep:.3f})")
-            towers[name] = _compress_tower(name, name, folders[name], DTYPES[teacher.dtype],
+            # a merged teacher's units sit in its first member's order (ot_merge permutes the others onto it), so
+            # that member's feature map entry addresses them
+            towers[name] = _compress_tower(name, merged_from.get(name, [name])[0], folders[name], DTYPES[teacher.dtype],
                                            {c: texts[c] for c in caps}, tower_budgets[name], options, console,
                                            show_progress, {c: probe_unk_tolerance(spec_of[c]) for c in caps},
                                            weights={c: cap_weight[c] for c in caps}, keep_head=name in own,
@@ -727,7 +737,8 @@ def build_student(recipe: Recipe, profile: dict, out, texts=None, console=None, 
                 towers[name]["own_vocabulary"]["plan"] = own[name]
         student, rows = assemble_student(towers, student_tok, hidden, list(serves), texts, options)
         tower_records = [{"index": t, "name": name, "capability": "+".join(caps), "capabilities": list(caps),
-                          "teacher": name, "hidden_size": towers[name]["tower_spec"]["hidden_size"],
+                          "teacher": name, "merged_from": merged_from.get(name),
+                          "hidden_size": towers[name]["tower_spec"]["hidden_size"],
                           "layers": len(towers[name]["tower_spec"]["layers"]),
                           "params": sum(p.numel() for p in student.model.towers[t].parameters()),
                           "layer_budget": tower_budgets[name], "teacher_layer_params": counts[name]["layers"],
@@ -800,11 +811,11 @@ def student_training_texts(recipe: Recipe) -> dict:
                                   items=options.arithmetic_items) for c in recipe.capabilities}
 
 
-def build_inputs_digest(recipe, profile, texts, feature_map=None):
+def build_inputs_digest(recipe, profile, texts, feature_map=None, aligned_digest=None):
     """The build's cache key: its options and budget, the capabilities in order with the text it trains on, the
     profile's best teachers, and the profile's own inputs (a changed profile field invalidates every later stage;
     they also fingerprint the teachers' files), the capabilities left without a tower (no competent teacher) and the
-    build's schema (a build of another layout is never reused)."""
+    build's schema (a build of another layout is never reused), and the align stage's inputs when it ran."""
     from .profile import dropped_capabilities, profile_inputs
     from .training_text import training_texts_digest
 
@@ -815,15 +826,17 @@ def build_inputs_digest(recipe, profile, texts, feature_map=None):
                        "profile_inputs": profile_inputs(recipe),
                        "budget": recipe.student.budget.model_dump(mode="json"),
                        "feature_map": (hashlib.sha256(Path(feature_map).read_bytes()).hexdigest()
-                                       if feature_map is not None else None)}, sort_keys=True, default=str)
+                                       if feature_map is not None else None),
+                       "aligned": aligned_digest}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show_progress=True, force=False,
-                      feature_map=None):
+                      feature_map=None, aligned=None):
     """The student_build stage: build into ``out`` (default ``runs/<name>/student_build``) unless a build with the same
     inputs (`build_inputs_digest`, the feature map's bytes included) is there; returns (path, record).
-    ``feature_map``: the localise stage's feature_map.json when the pipeline ran it (see ``localisation``)."""
+    ``feature_map``: the localise stage's feature_map.json when the pipeline ran it (see ``localisation``);
+    ``aligned``: the align stage's record when the pipeline ran it (its merged teachers build one tower each)."""
     from .profile import load_profile
 
     profile = profile if profile is not None else load_profile(recipe.run_path)
@@ -831,7 +844,8 @@ def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show
     texts = student_training_texts(recipe)
     if recipe.stage(STAGE).localisation == "off":
         feature_map = None
-    digest = build_inputs_digest(recipe, profile, texts, feature_map)
+    merged = (aligned or {}).get("merged") or None
+    digest = build_inputs_digest(recipe, profile, texts, feature_map, (aligned or {}).get("inputs_digest"))
     record_path = out / "student_build.json"
     if not force and record_path.is_file():
         try:
@@ -841,5 +855,5 @@ def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show
         if record.get("inputs_digest") == digest:
             return out, {**record, "reused": True}
     path, record = build_student(recipe, profile, out, texts=texts, console=console, show_progress=show_progress,
-                                 inputs_digest=digest, feature_map=feature_map)
+                                 inputs_digest=digest, feature_map=feature_map, merged=merged)
     return path, {**record, "reused": False}

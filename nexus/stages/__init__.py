@@ -11,8 +11,9 @@ import importlib
 from .stage import Stage, StageLifecycleError
 
 STAGES: dict[str, type[Stage]] = {}
-BUILTIN_STAGE_MODULES = ("nexus.stages.profile", "nexus.stages.localise", "nexus.stages.student_build",
-                         "nexus.stages.distill", "nexus.stages.validate", "nexus.stages.export")
+BUILTIN_STAGE_MODULES = ("nexus.stages.profile", "nexus.stages.localise", "nexus.stages.align",
+                         "nexus.stages.student_build", "nexus.stages.distill", "nexus.stages.validate",
+                         "nexus.stages.export")
 # What `nexus consolidate` runs when the recipe has no ``pipeline:`` list.
 DEFAULT_PIPELINE = ("profile", "student_build", "distill", "validate", "export")
 

@@ -1,8 +1,9 @@
 """The student-build stage: compress each tower's teacher under the budget and assemble the multi-tower student
 (`nexus.conversion.student_build`, whose docstring has the method and a sample recipe section).
 
-Reads the profile (which teacher serves which capability) and, when the pipeline ran ``localise`` first, its feature
-map (the units it found causally necessary are kept; ``localisation: off`` ignores it); writes ``runs/<name>/student_build/`` (the initial
+Reads the profile (which teacher serves which capability), when the pipeline ran ``localise`` first its feature map
+(the units it found causally necessary are kept; ``localisation: off`` ignores it), and when it ran ``align`` the
+merged teachers (one tower each, serving all their members' capabilities); writes ``runs/<name>/student_build/`` (the initial
 student checkpoint, its tokenizer and student_build.json). Sample recipe section::
 
     stages:
@@ -34,7 +35,8 @@ class StudentBuildStage(Stage):
         fm = results.get("feature_map")  # when the pipeline ran localise before this stage
         init_path, build = run_student_build(self.recipe, results["profile"], self.recipe.run_path / self.name,
                                              console=self.console, show_progress=self.show_progress,
-                                             feature_map=fm["path"] if fm else None)
+                                             feature_map=fm["path"] if fm else None,
+                                             aligned=results.get("aligned"))  # when align ran: merged teachers
         return {"build": {**build, "init_path": str(init_path)}}
 
     def outputs(self, result):

@@ -2,6 +2,8 @@
 exactly the parameters its config counts, computes what the dense rank-r reconstruction computes, saves and loads
 through ``AutoModelForCausalLM`` (remote code), generates with a cache, and compress meets its budget with it."""
 
+import json
+
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_teacher
@@ -149,3 +151,21 @@ def test_lora_all_linear_reaches_every_factor_of_a_factored_model():
     wrapped = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
                for n, _ in lora.named_parameters() if ".lora_A." in n}
     assert factors and wrapped == factors
+
+
+def test_standard_export_multiplies_the_factors_out(tmp_path):
+    """A plain Llama has no factored layer: `nexus export --standard` writes B A as the dense weight, same logits."""
+    from nexus.hub.standard_export import export_standard
+
+    model = nexus_from_teacher(tiny_teacher("llama")).eval()
+    factored, _ = low_rank_model(model, 0.5, "weight", store="factors")
+    factored.save_pretrained(tmp_path / "s")
+    char_tokenizer().save_pretrained(tmp_path / "s")
+    export_standard(tmp_path / "s", tmp_path / "o")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, factored(ids).logits, atol=1e-5)
+    notes = json.loads((tmp_path / "o" / "nexus_export.json").read_text())["notes"]
+    assert any("21 factored projections" in n for n in notes)

@@ -423,7 +423,7 @@ def standard_model(model, tower=0, pad_to_uniform=False, arch="auto"):
 
     dtype = next(model.parameters()).dtype
     spec = config.towers[t]
-    state = model.state_dict()
+    state, factored = _dense_projections(model.state_dict(), f"model.towers.{t}.")
     hidden = config.hidden_size
     gemma = arch == "gemma3_text"
     norm_fill = 0.0 if gemma else 1.0  # an absent norm: its value never matters (it feeds all-zero weights)
@@ -455,7 +455,26 @@ def standard_model(model, tower=0, pad_to_uniform=False, arch="auto"):
                             allow_missing=("lm_head.weight",) if config.tie_word_embeddings else ())
     if config.tie_word_embeddings:
         hf_model.tie_weights()
-    return hf_model.eval(), view_notes + shape.notes
+    notes = view_notes + shape.notes
+    if factored:
+        notes.append(f"{factored} factored projections (the manifold option's low-rank factors) multiplied out into "
+                     "dense weights: the standard family has no factored layer, so this export is larger than the "
+                     "tower")
+    return hf_model.eval(), notes
+
+
+def _dense_projections(state, prefix):
+    """``(state, n)``: ``state`` with every factored projection under ``prefix`` (``<name>.factor_a`` / ``factor_b``,
+    low_rank_linear.py) replaced by its dense ``<name>.weight = B A`` (and ``<name>.bias``), and how many there were."""
+    out, n = dict(state), 0
+    for key in [k for k in state if k.startswith(prefix) and k.endswith(".factor_a.weight")]:
+        name = key[:-len(".factor_a.weight")]
+        a, b = out.pop(key), out.pop(f"{name}.factor_b.weight")
+        out[f"{name}.weight"] = (b.float() @ a.float()).to(a.dtype)
+        if f"{name}.factor_b.bias" in out:
+            out[f"{name}.bias"] = out.pop(f"{name}.factor_b.bias")
+        n += 1
+    return out, n
 
 
 def export_standard(src, out, tower=0, pad_to_uniform=False, arch="auto", overwrite=False, tokenizer_src=None,

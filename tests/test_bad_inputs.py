@@ -211,7 +211,7 @@ def case_recipe_negative_budget(ctx):
 
 def case_recipe_unknown_stage(ctx):
     return Case(profile(ctx.recipe(_set(["stages", "distil"], {}))),
-                needles=["stages.distil: unknown stage", "stages with options: compress"])
+                needles=["stages.distil: unknown stage", "stages with options: align, compress"])
 
 
 def case_recipe_unknown_stage_option(ctx):

@@ -199,6 +199,11 @@ for _v in (
             "as 'align ON' but the members are averaged tensor by tensor without matching (mergekit's linear method, "
             "equal weights); then the same compression and KD",
             align={"method": "linear"}),
+    Variant("align_ties", "baseline", "(e) TIES merge (mergekit ties) of same-family teachers, one tower",
+            "as 'align ON' but the members' task vectors against the first tower teacher (the base) are trimmed to "
+            "their 20% largest entries, sign-elected and averaged onto it (ties_merge.py, mergekit's ties method, "
+            "density 0.2); then the same compression and KD",
+            align={"method": "ties"}),
     Variant("no_lmc", "ablation", "LMC off",
             "the distilled end point as it is (no walk along init -> distilled for the best alpha)",
             distill={"lmc": False}),

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from nexus.conversion.align import AlignError, merge_groups, run_align
 from nexus.conversion.ot_merge import permute_model
 from nexus.conversion.student_build import build_student
+from nexus.conversion.ties_merge import ties_tensor, trim
 from nexus.modeling_nexus import NexusForCausalLM
 from nexus.stages.pipeline import PipelineError, resolve_pipeline
 
@@ -99,6 +100,40 @@ def test_linear_merge_is_the_plain_average(teachers, tmp_path):
     loss = record["merged"][0]["heldout_loss"]["prose"]
     assert loss["merged"] == pytest.approx(loss["plain_average"], abs=1e-6)
     assert "neurons_moved" not in record["merged"][0]["steps"][0]
+
+
+def test_ties_trims_elects_the_sign_and_averages_only_the_agreeing_task_vectors():
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    a = base + torch.tensor([2.0, -4.0, 0.5, 0.0])
+    b = base + torch.tensor([2.0, 1.0, -0.5, 3.0])
+    # density 1: entry 0 both agree (mean 2); entry 1 sum -3 elects minus, only a agrees (-4); entry 2 sums to 0,
+    # which elects plus (mergekit's rule): only a's +0.5; entry 3 only b moved it (3)
+    assert torch.equal(ties_tensor(base, [a, b], density=1.0, weights=[1, 1]) - base,
+                       torch.tensor([2.0, -4.0, 0.5, 3.0]))
+    assert torch.equal(trim(torch.tensor([0.1, -3.0, 2.0, 0.2]), 0.5), torch.tensor([0.0, -3.0, 2.0, 0.0]))
+    # density 0.5: a keeps 2 and -4, b keeps 3 and 2; entry 1: only a's -4 is left, entry 2 nothing
+    assert torch.equal(ties_tensor(base, [a, b], density=0.5, weights=[1, 1]) - base,
+                       torch.tensor([2.0, -4.0, 0.0, 3.0]))
+
+
+def test_ties_merge_adds_the_trimmed_task_vector_to_the_named_base(teachers, tmp_path):
+    recipe = _recipe(teachers, tmp_path / "run", method="ties", base="llama_char", density=0.3)
+    record = run_align(recipe, SAME_FAMILY)
+    merged = record["merged"][0]
+    assert merged["method"] == "ties" and merged["steps"] == [{"base": "llama_char", "members": ["llama_perm"],
+                                                               "density": 0.3}]
+    a = AutoModelForCausalLM.from_pretrained(teachers["llama_char"], dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(teachers["llama_perm"], dtype=torch.float32).state_dict()
+    got = AutoModelForCausalLM.from_pretrained(merged["folder"], dtype=torch.float32).state_dict()
+    delta, moved = b[DOWN] - a[DOWN], got[DOWN] - a[DOWN]
+    kept = moved != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01  # 30% of the task vector kept, the largest in magnitude
+    assert torch.allclose(moved[kept], delta[kept]) and delta[kept].abs().min() >= delta[~kept].abs().max()
+    with pytest.raises(AlignError, match="stages.align.base: unknown teacher 'nope'"):
+        run_align(_recipe(teachers, tmp_path / "bad", method="ties", base="nope"), SAME_FAMILY)
+    with pytest.raises(AlignError, match="stages.align.base: teacher 'qwen_bpe' does not share"):
+        run_align(_recipe(teachers, tmp_path / "bad2", method="ties", base="qwen_bpe"), SAME_FAMILY)
+    assert not (tmp_path / "bad" / "tiny" / "align").exists()
 
 
 def test_other_families_are_left_alone_and_too_little_text_is_named(teachers, tmp_path):

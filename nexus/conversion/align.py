@@ -12,8 +12,10 @@ tower from the merged teacher, serving every capability its members were best at
    first ``calibration_tokens`` tokens of each, in windows of ``window_tokens``.
 3. **Merge.** ``method: ot``: the members' FFN units and attention heads are matched by optimal transport on their
    activation correlations over those windows and averaged (`ot_merge.ot_merge`, POT's exact solver; Singh & Jaggi
-   2020). ``method: linear``: the plain average (mergekit's ``linear``), the baseline. Members are folded in one at a
+   2020). ``method: linear``: the plain average (mergekit's ``linear``), a baseline. Members are folded in one at a
    time with equal shares (the k-th with weight 1/k) unless ``alpha`` sets the later members' share.
+   ``method: ties``: TIES merging (`ties_merge.ties_merge`, mergekit's ``ties``), a baseline: the members' task
+   vectors against ``base`` are trimmed to ``density``, sign-elected and averaged onto the base.
 4. **Measured.** On the next ``heldout_tokens`` of each capability's text, the next-token loss of the capability's own
    teacher, of the merged teacher and of the plain average: the merge's cost before any pruning or distillation,
    in ``align.json``.
@@ -48,9 +50,15 @@ class AlignError(ValueError):
 class AlignOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["ot", "linear"] = Field(
+    method: Literal["ot", "linear", "ties"] = Field(
         "ot", description="ot: match FFN units and heads by optimal transport on activation correlations, then "
-                          "average (ot_merge.py); linear: the plain average (mergekit's linear), the baseline")
+                          "average (ot_merge.py); linear: the plain average (mergekit's linear), a baseline; ties: "
+                          "TIES merging onto ``base`` (ties_merge.py, mergekit's ties), a baseline")
+    base: str | None = Field(
+        None, description="ties: the teacher the others were fine-tuned from (a recipe teacher of the same "
+                          "architecture and tokenizer; default the group's first tower teacher)")
+    density: float = Field(0.2, gt=0, le=1, description="ties: the fraction of each task vector's largest-magnitude "
+                                                        "entries kept")
     alpha: float | None = Field(
         None, gt=0, lt=1, description="each later member's share when it is folded in (default: equal shares, the "
                                       "k-th member 1/k)")
@@ -119,18 +127,22 @@ def next_token_loss(model, windows, batch_size=4) -> float:
     return total / count
 
 
-def merge_group(members: dict, serves: dict, texts: dict, options: AlignOptions, console=None) -> tuple:
+def merge_group(members: dict, serves: dict, texts: dict, options: AlignOptions, console=None,
+                base: tuple | None = None) -> tuple:
     """``(merged_model, tokenizer, record)``: ``members`` {teacher: folder} folded into one model.
 
-    ``serves`` {teacher: [capability, ...]}, ``texts`` {capability: TrainingText}."""
+    ``serves`` {teacher: [capability, ...]}, ``texts`` {capability: TrainingText}; ``base`` (name, folder), for
+    ``method: ties``: the model the members' task vectors are taken against (default the first member)."""
     from .ot_merge import average_models, ot_merge
     from .teacher_source import load_teacher
+    from .ties_merge import ties_merge
 
     names = list(members)
     models, tokenizer = {}, None
     for name in names:
         models[name], tok = load_teacher(members[name], dtype=torch.float32, with_tokenizer=tokenizer is None)
         tokenizer = tokenizer or tok
+    base_name = base[0] if base is not None else names[0]
     calibration, heldout = [], {}
     for name in names:
         for cap in serves[name]:
@@ -146,12 +158,23 @@ def merge_group(members: dict, serves: dict, texts: dict, options: AlignOptions,
                     heldout[cap] = (name, h)
     windows = torch.cat(calibration)
     merged, naive, steps = models[names[0]], models[names[0]], []
+    if options.method == "ties":
+        base_model = models[base_name] if base_name in models else load_teacher(base[1], dtype=torch.float32)[0]
+        others = [models[n] for n in names if n != base_name]
+        if console is not None:
+            console.print(f"  align: TIES merge of {', '.join(n for n in names if n != base_name)} onto {base_name} "
+                          f"(density {options.density})")
+        merged = ties_merge(base_model, others, density=options.density)
+        steps.append({"base": base_name, "members": [n for n in names if n != base_name], "density": options.density})
+        del base_model
     for k, name in enumerate(names[1:], start=2):
         alpha = options.alpha if options.alpha is not None else 1.0 / k
         if console is not None:
             console.print(f"  align: folding {name} into {' + '.join(names[:k - 1])} ({options.method}, share "
                           f"{alpha:.3f}, {len(windows)} windows of {windows.shape[1]} tokens)")
         naive = average_models(naive, models[name], alpha)
+        if options.method == "ties":
+            continue
         if options.method == "ot":
             merged, report = ot_merge(merged, models[name], windows, alpha=alpha, match_heads=options.match_heads,
                                       autocast=options.autocast)
@@ -222,12 +245,23 @@ def run_align(recipe: Recipe, profile: dict, out=None, console=None, force=False
     if console is not None and not groups:
         console.print("  align: no two tower teachers share an architecture and a tokenizer; nothing to merge "
                       f"(tower teachers: {', '.join(serves)})")
+    bases = {}
+    if options.method == "ties":
+        for i, names in enumerate(groups):
+            name = options.base or names[0]
+            if name not in folders:
+                raise AlignError(f"stages.align.base: unknown teacher {name!r}; teachers: {', '.join(folders)}")
+            if name not in names and architecture_signature(folders[name]) != signatures[names[0]]:
+                raise AlignError(f"stages.align.base: teacher {name!r} does not share the architecture and tokenizer "
+                                 f"of {', '.join(names)}, so it cannot be their TIES base")
+            bases[i] = (name, folders[name])
     record = {"schema": SCHEMA, "inputs_digest": digest, "options": options.model_dump(mode="json"),
               "signatures": signatures, "merged": []}
     sources = {**recipe_sources(recipe), **{f"teacher folder {n}": f for n, f in folders.items()}}
     with atomic_dir(out, overwrite=True, sources=sources) as tmp:
         for i, names in enumerate(groups):
-            merged, tokenizer, entry = merge_group({n: folders[n] for n in names}, serves, texts, options, console)
+            merged, tokenizer, entry = merge_group({n: folders[n] for n in names}, serves, texts, options, console,
+                                                   base=bases.get(i))
             folder = tmp / f"merged-{i}"
             merged.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)

@@ -24,11 +24,8 @@ run's profile). Run folders and logs go to ``bench/out/add-teacher/``.
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -36,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import child_process  # noqa: E402
 from paths import ARTEFACTS, RESULTS  # noqa: E402
 
 from nexus.conversion.atomic_output import atomic_file  # noqa: E402
@@ -78,25 +76,8 @@ def write_recipes():
 
 
 def measured(name, cmd, console):
-    """Run ``cmd`` as a child process (its output streamed and logged); returns wall seconds, peak RSS and rc."""
-    log = WORK / f"{name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    console.print(f"[bold]{name}[/]: {' '.join(cmd)}  (log {log})", highlight=False)
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    with open(log, "w") as fh:
-        for line in proc.stdout:
-            fh.write(line)
-            if line.strip():
-                console.print(f"  {name}> {line.rstrip()}", highlight=False, markup=False)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    record = {"command": " ".join(cmd), "wall_seconds": round(wall, 1),
-              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-              "exit_code": proc.returncode, "threads": 1, "log": str(log)}
-    console.print(f"  {name}: {wall:.0f} s, peak RSS {record['peak_rss_mb']:.0f} MB, exit {proc.returncode}")
-    return record
+    """``child_process.measured`` with its log in ``bench/out/add-teacher/``."""
+    return child_process.measured(name, cmd, console, WORK)
 
 
 def run_step(name, cmd, done_marker, console, force=False, fresh=None):

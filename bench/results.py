@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py, also
 from paths import RESULTS  # noqa: E402
 import ablation_section as ablation_md  # noqa: E402
 import add_teacher_section as add_teacher_md  # noqa: E402
+import align_section as align_md  # noqa: E402
 import allocation_proxy_section as proxy_md  # noqa: E402
 import claims_section as claims_md  # noqa: E402
 import size_sweep_section as size_sweep_md  # noqa: E402
@@ -502,6 +503,7 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
                                                                          fmt_ci, md_table)]
     parts += ["", add_teacher_md.TITLE, "", *add_teacher_md.add_teacher_section(Path(out_dir) / "add_teacher.json",
                                                                                 fmt_ci, md_table)]
+    parts += ["", align_md.TITLE, "", *align_lines(Path(out_dir))]
     text = "\n".join(parts) + "\n"
     from nexus.conversion.atomic_output import atomic_file
 
@@ -516,7 +518,12 @@ def sweep_lines(out_dir: Path) -> list:
 
 
 def claims_lines(out_dir: Path) -> list:
-    return claims_md.claims_section(out_dir / "size_sweep", load_compare, paired_delta, fmt_ci, md_table)
+    return claims_md.claims_section(out_dir / "size_sweep", load_compare, paired_delta, fmt_ci, md_table,
+                                    pair_folder=out_dir / "gemma_pair")
+
+
+def align_lines(out_dir: Path) -> list:
+    return align_md.align_section(out_dir / "gemma_pair", load_compare, paired_delta, verdict, fmt_ci, md_table)
 
 
 def localisation_lines(out_dir: Path) -> list:
@@ -550,8 +557,8 @@ def main(argv=None):
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
     parser.add_argument("--committed-sections", action="store_true",
                         help="rewrite only §5 (size sweep), §6 (claims), §7 (localisation), §8 (allocation "
-                             "proxy) and §9 (add-teacher), the sections whose JSON is committed, in --md (the other "
-                             "sections' JSON may not be on this machine)")
+                             "proxy), §9 (add-teacher) and §10 (same-family merge), the sections whose JSON is "
+                             "committed, in --md (the other sections' JSON may not be on this machine)")
     args = parser.parse_args(argv)
     if args.committed_sections:
         replace_section(args.md, size_sweep_md.TITLE, sweep_lines(args.out_dir))
@@ -559,8 +566,9 @@ def main(argv=None):
         replace_section(args.md, ablation_md.TITLE_LOCALISATION, localisation_lines(args.out_dir))
         replace_section(args.md, proxy_md.TITLE, proxy_md.allocation_proxy_section(
             args.out_dir / "allocation_proxy.json", fmt_ci, md_table))
-        text = replace_section(args.md, add_teacher_md.TITLE, add_teacher_md.add_teacher_section(
+        replace_section(args.md, add_teacher_md.TITLE, add_teacher_md.add_teacher_section(
             args.out_dir / "add_teacher.json", fmt_ci, md_table))
+        text = replace_section(args.md, align_md.TITLE, align_lines(args.out_dir))
         print(text)
         return text
     png = args.png or args.md.with_name("RESULTS_retention.png")

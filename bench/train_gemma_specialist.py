@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nexus.conversion.align import next_token_loss
 from nexus.conversion.atomic_output import atomic_dir, atomic_file
 from nexus.conversion.calibration import token_windows
 from nexus.conversion.teacher_source import load_teacher
@@ -40,17 +41,9 @@ def heldout_windows(tokenizer, capability, tokens, window):
     return token_windows(tokenizer, (DATA / f"{capability}_heldout.txt").read_text(), tokens, window)
 
 
-@torch.no_grad()
-def mean_loss(model, windows, bf16=False, batch_size=8):
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        ids = windows[i:i + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=ids).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         ids[:, 1:].reshape(-1), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return total / count
+def mean_loss(model, windows, bf16=False):
+    """Mean next-token loss (nats) over ``windows``: the align stage's measure, batches of 8."""
+    return next_token_loss(model, windows, batch_size=8, autocast=bf16)
 
 
 def main():

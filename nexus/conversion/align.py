@@ -115,12 +115,13 @@ def _windows(tokenizer, text, skip, tokens, window):
 
 
 @torch.no_grad()
-def next_token_loss(model, windows, batch_size=4) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``windows`` (every row the same length)."""
+def next_token_loss(model, windows, batch_size=4, autocast=False) -> float:
+    """Mean next-token cross-entropy of ``model`` over ``windows`` (every row the same length); ``autocast``: bf16."""
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         ids = windows[i:i + batch_size]
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                  reduction="sum")
         total, count = total + float(loss), count + ids[:, 1:].numel()

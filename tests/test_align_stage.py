@@ -136,6 +136,18 @@ def test_ties_merge_adds_the_trimmed_task_vector_to_the_named_base(teachers, tmp
     assert not (tmp_path / "bad" / "tiny" / "align").exists()
 
 
+def test_the_ram_plan_counts_the_ties_working_set_of_the_largest_tensor(teachers, tmp_path):
+    from nexus.conversion.stage_memory import plan_align_ram
+
+    ot = plan_align_ram(_recipe(teachers, tmp_path), 0, profile=SAME_FAMILY)
+    ties = plan_align_ram(_recipe(teachers, tmp_path, method="ties"), 0, profile=SAME_FAMILY)
+    config = AutoModelForCausalLM.from_pretrained(teachers["llama_char"]).config
+    largest = config.hidden_size * max(config.vocab_size, config.intermediate_size)
+    assert "ties_working_set_fp32" not in ot["components"]
+    assert ties["components"]["ties_working_set_fp32"] == (3 * 1 + 5) * 4 * largest  # two members: one task vector
+    assert ties["total_bytes"] == ot["total_bytes"] + ties["components"]["ties_working_set_fp32"]
+
+
 def test_other_families_are_left_alone_and_too_little_text_is_named(teachers, tmp_path):
     record = run_align(_recipe(teachers, tmp_path / "a"), _profile({"prose": "llama_char", "code": "qwen_bpe"}))
     assert record["merged"] == [] and set(record["signatures"]) == {"llama_char", "qwen_bpe"}

@@ -480,7 +480,9 @@ def plan_localise_ram(recipe, runtime, profile=None, student=None):
 def plan_align_ram(recipe, runtime, profile=None, student=None):
     """The align stage: per group of tower teachers, every member resident in fp32 at once, plus the merged copy, the
     plain average and one calibration forward of each (no group: nothing loads). Without a profile every eligible
-    teacher is a candidate, an upper bound."""
+    teacher is a candidate, an upper bound. ``method: ties`` also holds, for the largest tensor (the embedding or an
+    FFN matrix), its task vectors, their trimmed, weighted and sign-masked copies and the merged result in fp32:
+    (3 x the members other than the base + 5) copies (`ties_merge.ties_tensor`; measured 7.3 copies with one)."""
     options = recipe.stage("align")
     teachers = _tower_teachers(recipe, profile)
     infos = [(spec, teacher_footprint(recipe, spec)) for spec in teachers]
@@ -496,4 +498,12 @@ def plan_align_ram(recipe, runtime, profile=None, student=None):
     components = {"runtime": runtime, "members_fp32": weights, "merged_and_plain_average_fp32": 2 * largest,
                   "forward_activations": activations,
                   "tokenizer": max(tokenizer_bytes(info["folder"])["resident"] for _, info in members)}
+    if options.method == "ties":
+        tensor = 0
+        for _, info in members:
+            config = load_config(info["folder"])
+            config = getattr(config, "text_config", None) or config
+            hidden = config.hidden_size
+            tensor = max(tensor, hidden * max(config.vocab_size, getattr(config, "intermediate_size", 0) or 0))
+        components["ties_working_set_fp32"] = (3 * (len(members) - 1) + 5) * 4 * tensor
     return _plan("align", components, members=[spec.name for spec, _ in members])

@@ -40,6 +40,27 @@ def test_7b_teachers_from_configs_only():
     assert big["inference"]["total_bytes"] > CUDA_CONTEXT_BYTES + 2 * 3_000_000_000  # + KV cache and prefill
 
 
+def test_optional_stages_in_the_pipeline_are_planned_in_its_order():
+    from nexus.conversion.stage_memory import ties_working_set_bytes
+
+    recipe = load_recipe(RECIPE, check_paths=False)
+    recipe.pipeline = ["profile", "localise", "align", "student_build", "distill", "validate", "export"]
+    plans = plan_gpu(recipe, gpu_gb=16)
+    assert list(plans) == ["profile", "localise", "align", *STAGES[1:]]
+    qwen = hf_parameter_count(load_config(RECIPE.parent / "plan_7b" / "qwen2-7b"))["total"]
+    llama = hf_parameter_count(load_config(RECIPE.parent / "plan_7b" / "llama-2-7b"))["total"]
+    loc = plans["localise"]
+    assert loc["assumptions"]["peak"] == "qwen2-7b" and loc["components"]["teacher_weights"] == 2 * qwen
+    assert loc["components"]["attribution_backward"] > 0  # gradient attribution keeps the forward's activations
+    align = plans["align"]["components"]
+    assert align["members_fp32"] == 4 * (qwen + llama) and align["merged_and_plain_average_fp32"] == 8 * qwen
+    assert "ties_working_set_fp32" not in align and not plans["align"]["fits"]
+    recipe.stages["align"] = type(recipe.stage("align")).model_validate({"method": "ties"})
+    ties = plan_gpu(recipe, gpu_gb=16)["align"]["components"]
+    configs = [load_config(RECIPE.parent / "plan_7b" / n) for n in ("llama-2-7b", "qwen2-7b")]
+    assert ties["ties_working_set_fp32"] == ties_working_set_bytes(configs) > 0
+
+
 def test_cli_prints_every_stage_and_whether_it_fits(tmp_path):
     app = typer.Typer()
     app.command("plan")(plan)

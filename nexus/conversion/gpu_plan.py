@@ -1,6 +1,6 @@
 """Does a recipe fit one GPU? The planned peak GPU memory of each stage, and of serving the student, from configs.
 
-`plan_gpu(recipe, gpu_gb)` answers, for one GPU of ``gpu_gb`` GiB, per stage of the default pipeline and for inference
+`plan_gpu(recipe, gpu_gb)` answers, for one GPU of ``gpu_gb`` GiB, per stage of the recipe's pipeline and for inference
 of the student: the planned peak (the largest set of things the stage holds on the device at once, by component) and
 whether it fits. Nothing is loaded: teacher sizes come from their safetensors headers, a GGUF's tensor table, or (a
 folder holding only ``config.json``, e.g. a 7B-class teacher planned before it is downloaded) the config's analytic
@@ -10,6 +10,10 @@ aligned distillation rows, the process's own RSS), plus a CUDA context:
 
 =============  ======================================================================================================
 profile        the largest teacher's weights in its dtype + one no-grad forward of batch_size x window_tokens
+localise       (when the pipeline runs it) the largest teacher's weights + a forward of tokens_per_batch tokens, and
+               with ``attribution: gradient`` the activations its backward keeps
+align          (when the pipeline runs it) every tower teacher in fp32, the merged copy and the plain average, one
+               calibration forward of 4 x window_tokens, and ``method: ties``'s per-tensor working set
 student_build  per tower teacher: the fp32 teacher, its Nexus import, the calibration gradients (3 x fp32), the
                student so far (fp32) and the calibration pass's activations (batch 2 x window_tokens, with backward)
 distill        the larger of training (student x 16 bytes: weights, gradients, two AdamW moments; + preservation;
@@ -96,6 +100,38 @@ def student_checkpoint(recipe):
     return None
 
 
+def _localise_plan(recipe, eligible, sizes):
+    from .stage_memory import _training_activations
+
+    options = recipe.stage("localise")
+    per = _teacher_forwards(recipe, eligible, sizes, 1, options.tokens_per_batch, "localise")
+    if options.attribution == "gradient":
+        for spec in eligible:
+            if sizes[spec.name]["config"] is not None:
+                per[spec.name]["components"]["attribution_backward"] = _training_activations(
+                    sizes[spec.name]["config"], 1, options.tokens_per_batch)
+                per[spec.name]["total_bytes"] = sum(per[spec.name]["components"].values())
+    return _largest(per, "localise", one_teacher_resident=True)
+
+
+def _align_plan(recipe, towers, sizes):
+    from .stage_memory import ties_working_set_bytes
+
+    options = recipe.stage("align")
+    members = [s for s in towers if sizes[s.name]["config"] is not None]
+    if len(members) < 2:
+        return _plan("align", {}, note="fewer than two tower teachers with a config: nothing to merge")
+    fp32 = [4 * sizes[s.name]["params"] for s in members]
+    acts = max(forward_activation_bytes(sizes[s.name]["config"], 4, options.window_tokens, "fp32")["total"]
+               for s in members)
+    components = {"cuda_context": CUDA_CONTEXT_BYTES, "members_fp32": sum(fp32),
+                  "merged_and_plain_average_fp32": 2 * max(fp32), "forward_activations": acts}
+    if options.method == "ties":
+        components["ties_working_set_fp32"] = ties_working_set_bytes([sizes[s.name]["config"] for s in members])
+    return _plan("align", components, members=[s.name for s in members],
+                 note="every tower teacher, an upper bound: which of them share a family is known after the profile")
+
+
 def plan_gpu(recipe, gpu_gb=16.0, context=4096) -> dict:
     """{stage: plan} with ``fits`` and ``headroom_bytes`` for one GPU of ``gpu_gb`` GiB; see the module docstring."""
     from .stage_memory import (
@@ -128,6 +164,11 @@ def plan_gpu(recipe, gpu_gb=16.0, context=4096) -> dict:
     prof = recipe.stage("profile")
     plans["profile"] = _largest(_teacher_forwards(recipe, eligible, sizes, prof.batch_size, prof.window_tokens,
                                                   "profile"), "profile", one_teacher_resident=True)
+    pipeline = recipe.pipeline or ()
+    if "localise" in pipeline:
+        plans["localise"] = _localise_plan(recipe, eligible, sizes)
+    if "align" in pipeline:
+        plans["align"] = _align_plan(recipe, towers, sizes)
 
     build = recipe.stage("student_build")
     if build.layout == "dense":

@@ -480,9 +480,8 @@ def plan_localise_ram(recipe, runtime, profile=None, student=None):
 def plan_align_ram(recipe, runtime, profile=None, student=None):
     """The align stage: per group of tower teachers, every member resident in fp32 at once, plus the merged copy, the
     plain average and one calibration forward of each (no group: nothing loads). Without a profile every eligible
-    teacher is a candidate, an upper bound. ``method: ties`` also holds, for the largest tensor (the embedding or an
-    FFN matrix), its task vectors, their trimmed, weighted and sign-masked copies and the merged result in fp32:
-    (3 x the members other than the base + 5) copies (`ties_merge.ties_tensor`; measured 7.3 copies with one)."""
+    teacher is a candidate, an upper bound. ``method: ties`` also holds its per-tensor working set
+    (`ties_working_set_bytes`)."""
     options = recipe.stage("align")
     teachers = _tower_teachers(recipe, profile)
     infos = [(spec, teacher_footprint(recipe, spec)) for spec in teachers]
@@ -499,11 +498,16 @@ def plan_align_ram(recipe, runtime, profile=None, student=None):
                   "forward_activations": activations,
                   "tokenizer": max(tokenizer_bytes(info["folder"])["resident"] for _, info in members)}
     if options.method == "ties":
-        tensor = 0
-        for _, info in members:
-            config = load_config(info["folder"])
-            config = getattr(config, "text_config", None) or config
-            hidden = config.hidden_size
-            tensor = max(tensor, hidden * max(config.vocab_size, getattr(config, "intermediate_size", 0) or 0))
-        components["ties_working_set_fp32"] = (3 * (len(members) - 1) + 5) * 4 * tensor
+        components["ties_working_set_fp32"] = ties_working_set_bytes([load_config(i["folder"]) for _, i in members])
     return _plan("align", components, members=[spec.name for spec, _ in members])
+
+
+def ties_working_set_bytes(configs) -> int:
+    """``method: ties``'s working set: (3 x the members other than the base + 5) fp32 copies of the largest tensor
+    (the embedding or an FFN matrix) of ``configs`` (`ties_merge.ties_tensor`; measured 7.3 copies with one)."""
+    tensor = 0
+    for config in configs:
+        config = getattr(config, "text_config", None) or config
+        wide = max(config.vocab_size, getattr(config, "intermediate_size", 0) or 0)
+        tensor = max(tensor, config.hidden_size * wide)
+    return (3 * (len(configs) - 1) + 5) * 4 * tensor

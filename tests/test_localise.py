@@ -37,6 +37,7 @@ from nexus.conversion.localise import (
     LocaliseError,
     LocaliseOptions,
     localise_model,
+    plan_localise,
     run_localise,
 )
 from nexus.conversion.localise_items import ItemSet, run_rows
@@ -258,6 +259,26 @@ def test_recipe_without_reference_set_is_a_clear_error(planted_run, tmp_path):
 
     out = CliRunner().invoke(app, ["localise", str(tmp_path / "recipe.yaml"), "--quiet"])
     assert out.exit_code == 2 and "no reference set" in out.output
+
+
+def test_pinned_teachers_still_use_the_other_capabilities_text_as_reference(planted_run, tmp_path, llama_dir):
+    """A capability pinned to one teacher (``teachers:``) is localised in that teacher only, but every capability whose
+    text the teacher can encode is its contrast set: pinning says who is scored, not what text exists."""
+    root = planted_run[0]
+    recipe = {
+        "name": "pinned", "run_dir": str(tmp_path / "runs"),
+        "teachers": [{"name": "tiny", "source": str(root / "teacher")}, {"name": "random", "source": str(llama_dir)}],
+        "capabilities": [
+            {"name": "digits", "probe": "exact_match", "data": str(root / "digits.jsonl"), "teachers": ["tiny"],
+             "reference": True},
+            {"name": "markers", "probe": "exact_match", "data": str(root / "markers.jsonl"), "teachers": ["random"],
+             "reference": True},
+        ],
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    references, plan = plan_localise(load_recipe(tmp_path / "recipe.yaml"))
+    assert plan["tiny"] == (["digits"], ["digits", "markers"], {})
+    assert plan["random"] == (["markers"], ["digits", "markers"], {})
 
 
 def test_unsupported_probe_and_too_few_random_sets_are_errors(planted_run, tmp_path):

@@ -402,17 +402,17 @@ def plan_localise(recipe: Recipe):
         folder = resolve_teacher_folder(teacher.source, teacher.allow_pickle, recipe.cache_dir)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=teacher.trust_remote_code)
         tokenizer = load_tokenizer(folder, trust_remote_code=teacher.trust_remote_code)
-        # a capability's data is used with this teacher (localised, or as reference) when the teacher is eligible
-        # for it (its `teachers` list) and its tokenizer can encode it
-        usable = {c.name for c in recipe.capabilities if teacher in recipe.eligible_teachers(c)
-                  and probes[c.name].cannot_score(tokenizer, config) is None}
-        targets = [c.name for c in recipe.capabilities if c.name in usable]
+        # a capability is localised in this teacher when the teacher is eligible for it (its `teachers` list) and
+        # its tokenizer can encode the data; any capability whose data it can encode serves as reference text (the
+        # contrast set is not a claim about the teacher, so `teachers` does not restrict it)
+        usable = {c.name for c in recipe.capabilities if probes[c.name].cannot_score(tokenizer, config) is None}
+        targets = [c.name for c in recipe.capabilities if c.name in usable and teacher in recipe.eligible_teachers(c)]
         skipped = {}
         for name in list(targets):
             refs = [r for r in references[name] if r in usable]
             if not refs:
-                skipped[name] = (f"none of its reference capabilities {references[name]} is eligible for this "
-                                 "teacher and encodable by its tokenizer")
+                skipped[name] = (f"none of its reference capabilities {references[name]} is encodable by this "
+                                 "teacher's tokenizer")
                 targets.remove(name)
         needed = sorted({n for t in targets for n in [t, *references[t]] if n in usable},
                         key=[c.name for c in recipe.capabilities].index)

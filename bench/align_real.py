@@ -1,14 +1,14 @@
 """The align stage on a real same-family pair (issue 17, item 3): Gemma-3-270M and its code fine-tune.
 
     python bench/train_gemma_specialist.py     # once: /work/cache/gemma-code
-    python bench/align_real.py [--method ot linear]
+    python bench/align_real.py [--method ot linear ties]
 
 Profiles the three teachers of ``bench/recipes/gemma_pair.yaml`` (Gemma, the fine-tune, the arithmetic specialist),
 then runs the align stage once per merge method into ``bench/out/runs/gemma_pair/align-<method>/``. Written to
 ``bench/results/align_gemma_pair.json`` and printed: which tower teachers were grouped, how many FFN units and heads
 OT moved, and each served capability's held-out next-token loss under its own teacher, the merge and the plain
 average: what merging costs before any pruning or distillation. The student-level comparison at equal parameters is
-``python bench/compare_methods.py --scale gemma-pair --only nexus --only align_ot --only align_linear``.
+``python bench/compare_methods.py --scale gemma-pair --only nexus --only align_ot --only align_linear --only align_ties``.
 """
 
 import argparse
@@ -32,7 +32,7 @@ RECIPE = Path(__file__).resolve().parent / "recipes" / "gemma_pair.yaml"
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", nargs="+", default=["ot", "linear"], choices=["ot", "linear"])
+    parser.add_argument("--method", nargs="+", default=["ot", "linear", "ties"], choices=["ot", "linear", "ties"])
     parser.add_argument("--out", type=Path, default=RESULTS / "align_gemma_pair.json")
     args = parser.parse_args()
     console = Console(width=160)

@@ -431,6 +431,8 @@ def run_localise(recipe: Recipe, console=None, show_progress=True, force=False, 
     options = recipe.stage(STAGE)
     references, plan = plan_localise(recipe)
     inputs = localise_inputs(recipe)
+    # what gets localised against what: a rule change in `plan_localise` must not reuse a map made under the old one
+    inputs["plan"] = {teacher: [targets, needed] for teacher, (targets, needed, _) in plan.items()}
     run = recipe.run_path
     out = run / STAGE
     manifest = out / "manifest.json"

@@ -170,7 +170,7 @@ def merge_group(members: dict, serves: dict, texts: dict, options: AlignOptions,
         del base_model
     for k, name in enumerate(names[1:], start=2):
         alpha = options.alpha if options.alpha is not None else 1.0 / k
-        if console is not None:
+        if console is not None and options.method != "ties":
             console.print(f"  align: folding {name} into {' + '.join(names[:k - 1])} ({options.method}, share "
                           f"{alpha:.3f}, {len(windows)} windows of {windows.shape[1]} tokens)")
         naive = average_models(naive, models[name], alpha)

@@ -2,9 +2,11 @@
 item 3): two same-family tower teachers (Gemma-3-270M for prose, its code fine-tune for code) as two towers (NEXUS)
 or merged into ONE tower by the align stage (OT unit matching, the plain linear average, TIES), at the same
 parameter budget and the same distillation. Per variant: its retention per capability and the paired difference
-from the two-tower student; per merge: each capability's held-out next-token loss under its own teacher, under the
-merged teacher and under the plain average, before any pruning (the merge's own cost)."""
+from the two-tower student. Per merge method, from ``bench/results/align_gemma_pair.json`` (`bench/align_real.py`):
+each capability's held-out next-token loss under its own teacher, under the merged teacher and under the plain
+average, before any pruning (the merge's own cost), and how many units OT moved."""
 
+import json
 from pathlib import Path
 
 TITLE = "## 10. One tower from a same-family pair: align (OT / linear / TIES) vs two towers (issue 17)"
@@ -13,12 +15,36 @@ COMMAND = "python bench/compare_methods.py --scale gemma-pair --only nexus --onl
           "--only align_ties"
 
 
-def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table) -> list:
+def merge_cost_lines(path, md_table) -> list:
+    """The merge's own cost per method, from ``align_gemma_pair.json`` (`bench/align_real.py`)."""
+    if path is None or not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    rows = []
+    for method, r in d["methods"].items():
+        for merged in r["merged"]:
+            moved = next((f"{s['neurons_moved']:,} of {s['neurons']:,} FFN units, {s['heads_moved']} heads"
+                          for s in merged["steps"] if "neurons_moved" in s), "–")
+            for cap, lo in merged["heldout_loss"].items():
+                rows.append([method, cap, lo["teacher"], f"{lo['own_teacher']:.4f}", f"{lo['merged']:.4f}",
+                             f"{lo['plain_average']:.4f}", lo["tokens"], moved])
+    if not rows:
+        return ["", f"`{path.name}`: nothing merged (tower teachers: "
+                    f"{', '.join(next(iter(d['methods'].values()))['signatures'])})."]
+    return ["", f"The merge's own cost, before pruning and distillation (`{path.name}`, `python bench/align_real.py`): "
+                "next-token loss (nats) on held-out text of each capability under its own teacher, the merged teacher "
+                "and the plain average, and the units OT moved:", "",
+            md_table(["method", "capability", "own teacher", "own teacher loss", "merged", "plain average", "tokens",
+                      "OT moved"], rows)]
+
+
+def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, align_json=None) -> list:
     folder = Path(folder)
     records = load_compare(folder) if folder.is_dir() else {}
     done = {n: records[n] for n in ORDER if records.get(n, {}).get("status") == "done"}
     if "nexus" not in done:
-        return [f"No two-tower NEXUS run in `bench/results/{folder.name}/` yet: run `{COMMAND}`."]
+        return ([f"No two-tower NEXUS run in `bench/results/{folder.name}/` yet: run `{COMMAND}`."]
+                + merge_cost_lines(Path(align_json) if align_json is not None else None, md_table))
     nexus = done["nexus"]
     caps = list(nexus["retention"])
     teachers = ", ".join(f"{c}: {e['teacher']}" for c, e in nexus["retention"].items())
@@ -37,17 +63,7 @@ def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table)
                      "–" if name == "nexus" else verdict(d["min"]).replace("NEXUS", "two towers") if d else "–"])
     lines += [md_table(["variant", "params", "towers", *caps, "min [95% CI]", "mean [95% CI]",
                         "Δ min vs two towers", "verdict"], rows), ""]
-    loss_rows = []
-    for name, r in done.items():
-        for merged in (r.get("align") or {}).get("merged", []):
-            for cap, lo in merged["heldout_loss"].items():
-                loss_rows.append([name, cap, lo["teacher"], f"{lo['own_teacher']:.4f}", f"{lo['merged']:.4f}",
-                                  f"{lo['plain_average']:.4f}", lo["tokens"]])
-    if loss_rows:
-        lines += ["The merge's own cost, before pruning and distillation: next-token loss (nats) on held-out text of "
-                  "each capability, under its own teacher, the merged teacher and the plain average:", "",
-                  md_table(["variant", "capability", "own teacher", "own teacher loss", "merged", "plain average",
-                            "tokens"], loss_rows)]
+    lines += merge_cost_lines(Path(align_json) if align_json is not None else None, md_table)
     missing = [n for n in ORDER if n not in done]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]

@@ -43,19 +43,28 @@ def _fake_delta(variant, nexus):
     return {"min": {"value": v, "ci": [v - 0.01, v + 0.01]}}
 
 
+def _align_json(path):
+    loss = {"prose": {"teacher": "gemma", "own_teacher": 3.9, "merged": 3.75, "plain_average": 3.75, "tokens": 1016}}
+    path.write_text(json.dumps({"methods": {
+        "ot": {"merged": [{"heldout_loss": loss, "steps": [{"neurons_moved": 0, "neurons": 36864, "heads_moved": 0}]}],
+               "signatures": {}},
+        "ties": {"merged": [{"heldout_loss": {"prose": {**loss["prose"], "merged": 3.8}}, "steps": [{"base": "g"}]}],
+                 "signatures": {}}}}))
+    return path
+
+
 def test_align_section_rows_deltas_losses_and_what_is_missing(tmp_path):
     results, section = _load("results"), _load("align_section")
-    loss = {"prose": {"teacher": "gemma", "own_teacher": 3.9, "merged": 3.75, "plain_average": 3.75, "tokens": 1016}}
-    _write(tmp_path / "gemma_pair", _record("nexus", 0, 0.80, 0.70, 2),
-           _record("align_ot", 1, 0.85, 0.75, 1, merged=[{"heldout_loss": loss}]),
-           _record("align_ties", 2, 0.78, 0.66, 1, merged=[]))
+    _write(tmp_path / "gemma_pair", _record("nexus", 0, 0.80, 0.70, 2), _record("align_ot", 1, 0.85, 0.75, 1),
+           _record("align_ties", 2, 0.78, 0.66, 1))
     lines = section.align_section(tmp_path / "gemma_pair", results.load_compare, _fake_delta, results.verdict,
-                                  results.fmt_ci, results.md_table)
+                                  results.fmt_ci, results.md_table, align_json=_align_json(tmp_path / "a.json"))
     text = "\n".join(lines)
     assert "| label nexus | 1,000 | 2 | 0.800 [0.790, 0.810] | 0.700 [0.690, 0.710] |" in text
     assert "| label align_ot | 1,000 | 1 |" in text and "+0.050 [+0.040, +0.060] | **two towers worse** |" in text
     assert "-0.040 [-0.050, -0.030] | **two towers better** |" in text
-    assert "| align_ot | prose | gemma | 3.9000 | 3.7500 | 3.7500 | 1016 |" in text
+    assert "| ot | prose | gemma | 3.9000 | 3.7500 | 3.7500 | 1016 | 0 of 36,864 FFN units, 0 heads |" in text
+    assert "| ties | prose | gemma | 3.9000 | 3.8000 | 3.7500 | 1016 | – |" in text
     assert "Not run yet: align_linear." in text
     assert "prose: gemma, code: gemma-code" in text
 
@@ -67,6 +76,10 @@ def test_align_section_without_a_two_tower_run_says_how_to_make_it(tmp_path):
                                   results.fmt_ci, results.md_table)
     assert lines == ["No two-tower NEXUS run in `bench/results/gemma_pair/` yet: run `python bench/compare_methods.py "
                      "--scale gemma-pair --only nexus --only align_ot --only align_linear --only align_ties`."]
+    # the merge-level figures still show when align_real has run
+    lines = section.align_section(tmp_path / "gemma_pair", results.load_compare, _fake_delta, results.verdict,
+                                  results.fmt_ci, results.md_table, align_json=_align_json(tmp_path / "a.json"))
+    assert any("| ot | prose | gemma | 3.9000 |" in line for line in lines)
 
 
 def test_the_ot_claim_is_checked_on_the_pair_against_two_towers_and_the_linear_merge(tmp_path):

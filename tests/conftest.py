@@ -36,6 +36,18 @@ _COMMON = dict(
 )
 
 
+def load_bench(name):
+    """A ``bench/<name>.py`` script loaded as a module (the bench folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_teacher(family, seed=0, **overrides):
     """A tiny random HF teacher of ``family``; norms and biases are perturbed so a mapping error shows in logits.
     ``overrides``: config fields that replace the common tiny ones (e.g. ``hidden_size``)."""

@@ -1,17 +1,8 @@
 """RESULTS.md §9 is rendered from add_teacher.json: the cost ratios with the goal verdict, the RAM floor, the proof."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def record():
@@ -36,7 +27,7 @@ def record():
 
 
 def test_add_teacher_section_renders_the_json(tmp_path):
-    results = _load("results")
+    results = load_bench("results")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "add_teacher.json").write_text(json.dumps(record()))
     md = tmp_path / "RESULTS.md"

@@ -2,18 +2,9 @@
 difference from two towers with who wins, the merges' held-out losses, and what has not run; and the claims table
 checks the OT claim on that pair."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def _record(name, order, prose, code, towers, merged=None):
@@ -54,7 +45,7 @@ def _align_json(path):
 
 
 def test_align_section_rows_deltas_losses_and_what_is_missing(tmp_path):
-    results, section = _load("results"), _load("align_section")
+    results, section = load_bench("results"), load_bench("align_section")
     _write(tmp_path / "gemma_pair", _record("nexus", 0, 0.80, 0.70, 2), _record("align_ot", 1, 0.85, 0.75, 1),
            _record("align_ties", 2, 0.78, 0.66, 1))
     lines = section.align_section(tmp_path / "gemma_pair", results.load_compare, _fake_delta, results.verdict,
@@ -70,7 +61,7 @@ def test_align_section_rows_deltas_losses_and_what_is_missing(tmp_path):
 
 
 def test_align_section_without_a_two_tower_run_says_how_to_make_it(tmp_path):
-    results, section = _load("results"), _load("align_section")
+    results, section = load_bench("results"), load_bench("align_section")
     _write(tmp_path / "gemma_pair", _record("align_ot", 1, 0.85, 0.75, 1))
     lines = section.align_section(tmp_path / "gemma_pair", results.load_compare, _fake_delta, results.verdict,
                                   results.fmt_ci, results.md_table)
@@ -83,7 +74,7 @@ def test_align_section_without_a_two_tower_run_says_how_to_make_it(tmp_path):
 
 
 def test_the_ot_claim_is_checked_on_the_pair_against_two_towers_and_the_linear_merge(tmp_path):
-    results, claims = _load("results"), _load("claims_section")
+    results, claims = load_bench("results"), load_bench("claims_section")
     (tmp_path / "size_sweep").mkdir()
     _write(tmp_path / "gemma_pair", _record("nexus", 0, 0.80, 0.70, 2), _record("align_ot", 1, 0.85, 0.75, 1),
            _record("align_linear", 2, 0.85, 0.75, 1))

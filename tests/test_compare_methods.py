@@ -2,21 +2,10 @@
 end to end (NEXUS and the dense FuseLLM-style baseline), the not-applicable / same-run entries are written with their
 reasons, a rerun skips finished variants, and RESULTS.md is rendered from the JSON alone."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from conftest import load_bench
 
 RUN = ["nexus", "fusellm_dense_kd"]
 NOT_RUN = {"mergekit_linear_ties": "not_applicable", "no_localisation": "not_a_switch",
@@ -25,7 +14,7 @@ NOT_RUN = {"mergekit_linear_ties": "not_applicable", "no_localisation": "not_a_s
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    compare = _load("compare_methods")
+    compare = load_bench("compare_methods")
     root = tmp_path_factory.mktemp("compare")
     argv = ["--scale", "test", "--out", str(root / "compare"), "--runs", str(root / "runs"), "--no-progress"]
     for name in RUN + list(NOT_RUN):
@@ -80,7 +69,7 @@ def test_a_rerun_skips_finished_variants(compared):
 
 def test_results_markdown_is_rendered_from_the_json(compared, tmp_path):
     _, root, _, _ = compared
-    results = _load("results")
+    results = load_bench("results")
     other = tmp_path / "out"
     other.mkdir()
     md_path = tmp_path / "RESULTS.md"
@@ -146,14 +135,14 @@ def test_a_method_that_cannot_meet_the_budget_is_recorded_as_not_feasible(compar
     before = (out / "minitron_kd.json").read_bytes()
     compare.main(args)  # not retried: the budget, not the step count, made it infeasible
     assert (out / "minitron_kd.json").read_bytes() == before
-    text = _load("results").main(["--compare-dir", str(out), "--out-dir", str(tmp_path), "--md",
+    text = load_bench("results").main(["--compare-dir", str(out), "--out-dir", str(tmp_path), "--md",
                                   str(tmp_path / "R.md"), "--gemma-dir", str(tmp_path / "none")])
     assert "not feasible" in text and "smallest model this allocation can build" in text
 
 
 def test_only_the_size_sweep_section_is_rewritten_from_its_json(compared, tmp_path):
     _, root, _, _ = compared
-    results = _load("results")
+    results = load_bench("results")
     point = tmp_path / "results" / "size_sweep" / "0.25"
     point.mkdir(parents=True)
     for name in RUN:
@@ -196,7 +185,7 @@ def test_only_the_size_sweep_section_is_rewritten_from_its_json(compared, tmp_pa
 
 def test_sweep_ablations_and_the_claims_table_come_from_the_json(compared, tmp_path):
     _, root, _, _ = compared
-    results = _load("results")
+    results = load_bench("results")
     point = tmp_path / "results" / "size_sweep" / "0.25"
     point.mkdir(parents=True)
     (point / "nexus.json").write_text((root / "compare" / "nexus.json").read_text())
@@ -231,7 +220,7 @@ def test_paired_deltas_accept_teacher_rows_equal_to_float_noise_only(compared):
     """Two runs that scored the teacher separately (bf16) differ in the last digits on the same items: still paired;
     rows that differ more are other items, so no paired difference is claimed."""
     _, root, _, _ = compared
-    results = _load("results")
+    results = load_bench("results")
     nexus = _record(root, "nexus")
 
     def scaled(factor):
@@ -250,7 +239,7 @@ def test_runs_of_another_base_recipe_are_not_paired(compared, tmp_path):
     """Every record names its base recipe; an ablation built from another one (or from before the hash was recorded)
     gets no paired difference, and its table row says to re-run it instead of a verdict."""
     compare, root, _, _ = compared
-    results, ablation = _load("results"), _load("ablation_section")
+    results, ablation = load_bench("results"), load_bench("ablation_section")
     nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
     assert len(nexus["base_recipe_sha256"]) == 64 and nexus["base_recipe_sha256"] == dense["base_recipe_sha256"]
     assert results.paired_delta(dense, nexus) is not None
@@ -271,7 +260,7 @@ def test_runs_resolved_with_other_code_defaults_are_not_paired(compared, llama_d
     """The file's hash cannot see a changed code default; the resolved recipe's hash can. Two records that carry it
     pair only when it matches; a record from before it was recorded still pairs by the file's hash."""
     compare, root, _, _ = compared
-    results = _load("results")
+    results = load_bench("results")
     nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
     assert len(nexus["resolved_recipe_sha256"]) == 64
     assert nexus["resolved_recipe_sha256"] == dense["resolved_recipe_sha256"]

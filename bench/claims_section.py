@@ -133,7 +133,8 @@ def claims_section(folder, load_compare, paired_delta, fmt_ci, md_table, pair_fo
                 command = SWEEP.format(point=label, methods=methods)
             rows.append([claim.text, label, got[0], got[1], f"`{command}`"])
         if not checked:
-            rows.append([claim.text, "–", f"the runs it needs are not in `{claim.source}` yet", "not measured", ""])
+            place = "the sweep" if claim.source == "size_sweep" else f"`{claim.source}`"
+            rows.append([claim.text, "–", f"the runs it needs are not in {place} yet", "not measured", ""])
     return ["Each percentage the method's description gives, checked on the size sweep (§5: Gemma-3-270M + the "
             "arithmetic and code specialists; retention vs the best teacher, paired bootstrap 95% CIs; KD = KD into "
             "a random-init student of the same shape). A claim is checked at every point that has its runs. "

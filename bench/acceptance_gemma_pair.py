@@ -2,7 +2,7 @@
 
     python bench/acceptance_gemma_pair.py            # reuses a finished run; --force runs it again
 
-Runs ``nexus consolidate bench/recipes/gemma_pair_acceptance.yaml`` as a child process (one thread; wall time and peak
+Runs ``nexus consolidate bench/recipes/gemma_pair_acceptance.yaml`` as a child process (``--threads``, default one; wall time and peak
 RSS measured around it): Gemma-3-270M (prose), its code fine-tune (code, `bench/train_gemma_specialist.py`) and the
 arithmetic specialist, with the pipeline ``profile, localise, align, student_build, distill (LMC refine), validate,
 export``. Then reads what each stage wrote in ``bench/out/runs/gemma_pair_acceptance/`` and writes
@@ -96,6 +96,7 @@ def main(argv=None):
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--force", action="store_true", help="delete the run folder and run consolidate again")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the consolidate child (default 1)")
     args = parser.parse_args(argv)
     console = Console()
     run = run_folder(args.recipe)
@@ -105,7 +106,7 @@ def main(argv=None):
         if args.force:
             shutil.rmtree(run, ignore_errors=True)
         cost = child_process.measured("consolidate", [sys.executable, "-m", "nexus.cli", "consolidate", args.recipe],
-                                      console, work)
+                                      console, work, threads=args.threads)
         if cost["exit_code"] not in (0, 3):  # 3: the validation gate failed; the student is still exported
             raise SystemExit(f"consolidate failed (exit {cost['exit_code']}); see {cost['log']}")
         work.mkdir(parents=True, exist_ok=True)

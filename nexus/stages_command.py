@@ -17,7 +17,8 @@ def stages():
     for name in order:
         cls = registry[name]
         fields = len(cls.options_model.model_fields) if cls.options_model is not None else 0
-        table.add_row(name, "no (optional)" if name not in DEFAULT_PIPELINE else "yes", ", ".join(cls.requires) or "–",
+        default = ("yes (optional)" if cls.optional else "yes") if name in DEFAULT_PIPELINE else "no (optional)"
+        table.add_row(name, default, ", ".join(cls.requires) or "–",
                       ", ".join(cls.produces), f"stages.{name} ({fields} fields)" if fields else "–", cls.paper or "–")
     Console().print(table)
     raise typer.Exit(0)

@@ -148,6 +148,31 @@ def test_the_ram_plan_counts_the_ties_working_set_of_the_largest_tensor(teachers
     assert ties["total_bytes"] == ot["total_bytes"] + ties["components"]["ties_working_set_fp32"]
 
 
+def test_a_merge_that_raises_a_capability_loss_past_the_limit_is_not_used(teachers, tmp_path):
+    # B: A with its logits sharpened 30x (final norm). The average is sharper than A, so prose (served by A) loses.
+    sharp = tiny_teacher("llama", seed=1)
+    with torch.no_grad():
+        sharp.model.norm.weight.mul_(30.0)
+    folder = tmp_path / "llama_sharp"
+    sharp.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    teachers = {**teachers, "llama_sharp": folder}
+    pair = _profile({"prose": "llama_char", "code": "llama_sharp"})
+    record = run_align(_recipe(teachers, tmp_path / "strict", method="linear"), pair)  # the default limit, 10%
+    assert record["merged"] == [] and [r["name"] for r in record["rejected"]] == ["llama_char+llama_sharp"]
+    rejected = record["rejected"][0]
+    worst = max((lo["merged"] - lo["own_teacher"]) / lo["own_teacher"] for lo in rejected["heldout_loss"].values())
+    assert rejected["max_loss_increase"] == pytest.approx(worst) and worst > 0
+    assert not (tmp_path / "strict" / "tiny" / "align" / "merged-0").exists()
+    assert rejected["heldout_loss"]["prose"]["merged"] > 1.10 * rejected["heldout_loss"]["prose"]["own_teacher"]
+    recipe = _recipe(teachers, tmp_path / "strict")
+    _, build = build_student(recipe, pair, tmp_path / "init", texts=small_texts(recipe), show_progress=False,
+                             merged=record["merged"] or None)
+    assert [t["capabilities"] for t in build["towers"]] == [["prose"], ["code"]]  # one tower per member, as without
+    loose = run_align(_recipe(teachers, tmp_path / "loose", method="linear", max_loss_increase=None), pair)
+    assert [m["name"] for m in loose["merged"]] == ["llama_char+llama_sharp"] and loose["rejected"] == []
+
+
 def test_other_families_are_left_alone_and_too_little_text_is_named(teachers, tmp_path):
     record = run_align(_recipe(teachers, tmp_path / "a"), _profile({"prose": "llama_char", "code": "qwen_bpe"}))
     assert record["merged"] == [] and set(record["signatures"]) == {"llama_char", "qwen_bpe"}

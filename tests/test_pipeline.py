@@ -19,7 +19,10 @@ def test_every_builtin_stage_is_registered_with_its_options():
     registry = stage_registry()
     assert set(DEFAULT_PIPELINE) | {"localise"} <= set(registry)
     assert resolve_pipeline() == list(DEFAULT_PIPELINE)
-    assert registry["localise"].optional and not any(registry[n].optional for n in DEFAULT_PIPELINE)
+    assert registry["localise"].optional and "localise" not in DEFAULT_PIPELINE
+    # align is optional (a recipe may leave it out) but in the default list; every other default stage is required
+    assert [n for n in DEFAULT_PIPELINE if registry[n].optional] == ["align"]
+    assert resolve_pipeline(["profile", "student_build", "distill", "validate", "export"])[1] == "student_build"
     from nexus.conversion.recipe import stage_options_registry
 
     options = stage_options_registry()

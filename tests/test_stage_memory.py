@@ -12,13 +12,19 @@ from safetensors.torch import load_file
 from test_distill_stage import consolidate_recipe_file, two_teachers  # noqa: F401  (two_teachers: a fixture)
 
 from nexus.conversion import peak_rss
-from nexus.stages.pipeline import run_consolidate
 from nexus.conversion.memory_plan import MemoryPlanError, safetensors_numel
 from nexus.conversion.recipe import load_recipe
-from nexus.conversion.stage_memory import (STAGE_RAM_PLANS, machine_ram_bytes, plan_stages, ram_budget,
-                                           register_stage_ram_plan)
+from nexus.conversion.stage_memory import (
+    STAGE_RAM_PLANS,
+    machine_ram_bytes,
+    plan_stages,
+    ram_budget,
+    register_stage_ram_plan,
+)
+from nexus.stages import DEFAULT_PIPELINE
+from nexus.stages.pipeline import run_consolidate
 
-STAGES = ["profile", "student_build", "distill", "validate", "export"]
+STAGES = list(DEFAULT_PIPELINE)
 
 
 def recipe_with(teachers, root, **memory):
@@ -44,6 +50,8 @@ def test_a_tiny_run_plans_every_stage_from_its_inputs_prints_and_records_the_pla
     for plan in [*memory["plans"].values(), *memory["upfront"].values()]:
         assert plan["total_bytes"] == sum(plan["components"].values()) <= memory["budget_bytes"]
     plans = memory["plans"]
+    # align (default pipeline) loads nothing when no two teachers share an architecture, even before the profile
+    assert memory["upfront"]["align"]["components"] == plans["align"]["components"] == {}
     # the profile's teachers (fp32 in this recipe), counted from their safetensors headers
     peak = plans["profile"]["assumptions"]["peak"]
     assert plans["profile"]["components"]["teacher_weights"] == 4 * numel(two_teachers[peak])
@@ -111,7 +119,7 @@ def test_the_largest_stage_is_refused_up_front_even_when_the_first_stages_fit(tw
 
 
 def test_stage_planners_are_a_registry_refusing_duplicates():
-    assert list(STAGE_RAM_PLANS) == STAGES
+    assert list(STAGE_RAM_PLANS) == [n for n in STAGES if n != "align"]  # align plans itself (`plan_align_ram`)
     with pytest.raises(ValueError, match="'distill' already has a RAM planner"):
         register_stage_ram_plan("distill", lambda *a, **k: None)
 

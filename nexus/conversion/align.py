@@ -19,6 +19,11 @@ tower from the merged teacher, serving every capability its members were best at
 4. **Measured.** On the next ``heldout_tokens`` of each capability's text, the next-token loss of the capability's own
    teacher, of the merged teacher and of the plain average: the merge's cost before any pruning or distillation,
    in ``align.json``.
+5. **Guarded.** A merge that raises some served capability's held-out loss by more than ``max_loss_increase`` (a
+   fraction of its own teacher's loss, default 0.10) is not used (two independently trained models of one
+   architecture do not average well); its members then keep one tower each, and ``align.json`` lists it under
+   ``rejected`` with its losses. On Gemma-3-270M and its code fine-tune the merge costs code +0.058 nats (+2.7%) and
+   gains prose (``bench/results/align_gemma_pair.json``).
 
 The merged teacher is saved as an ordinary HF folder (safetensors, the members' tokenizer) under
 ``runs/<name>/align/<merged>/``; `student_build` builds its tower from there. Distillation still uses each
@@ -69,6 +74,10 @@ class AlignOptions(BaseModel):
                                                         "own teacher, the merged teacher and the plain average")
     window_tokens: int = Field(128, ge=4, description="tokens per calibration window")
     autocast: bool = Field(False, description="bf16 autocast for the correlation passes")
+    max_loss_increase: float | None = Field(
+        0.10, ge=0, description="a merge whose held-out next-token loss on any capability it serves exceeds that "
+                                "capability's own teacher's by more than this fraction is not used: its members keep "
+                                "their own towers (recorded under ``rejected``). None: every merge is used")
 
 
 # ------------------------------------------------------------------------------------------------------ groups
@@ -205,6 +214,12 @@ def merge_group(members: dict, serves: dict, texts: dict, options: AlignOptions,
                                "calibration_windows": int(len(windows))}
 
 
+def loss_increase(heldout_loss: dict) -> float | None:
+    """The largest relative rise of a capability's held-out loss, merged over its own teacher (None: none measured)."""
+    rises = [(lo["merged"] - lo["own_teacher"]) / max(lo["own_teacher"], 1e-12) for lo in heldout_loss.values()]
+    return max(rises) if rises else None
+
+
 # ------------------------------------------------------------------------------------------------------ the stage
 
 
@@ -257,24 +272,35 @@ def run_align(recipe: Recipe, profile: dict, out=None, console=None, force=False
                                  f"of {', '.join(names)}, so it cannot be their TIES base")
             bases[i] = (name, folders[name])
     record = {"schema": SCHEMA, "inputs_digest": digest, "options": options.model_dump(mode="json"),
-              "signatures": signatures, "merged": []}
+              "signatures": signatures, "merged": [], "rejected": []}
     sources = {**recipe_sources(recipe), **{f"teacher folder {n}": f for n, f in folders.items()}}
     with atomic_dir(out, overwrite=True, sources=sources) as tmp:
         for i, names in enumerate(groups):
             merged, tokenizer, entry = merge_group({n: folders[n] for n in names}, serves, texts, options, console,
                                                    base=bases.get(i))
-            folder = tmp / f"merged-{i}"
-            merged.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-            del merged
-            gc.collect()
-            entry.update(name="+".join(names), folder=str(out / f"merged-{i}"),
-                         capabilities=[c for n in names for c in serves[n]])
-            record["merged"].append(entry)
+            entry.update(name="+".join(names), capabilities=[c for n in names for c in serves[n]])
             if console is not None:
                 for cap, lo in entry["heldout_loss"].items():
                     console.print(f"  align: {cap} held-out loss: own teacher {lo['own_teacher']:.4f}, merged "
                                   f"{lo['merged']:.4f}, plain average {lo['plain_average']:.4f}")
+            worst = loss_increase(entry["heldout_loss"])
+            entry["max_loss_increase"] = worst
+            if options.max_loss_increase is not None and worst is not None and worst > options.max_loss_increase:
+                record["rejected"].append(entry)
+                if console is not None:
+                    console.print(f"  align: {entry['name']} NOT merged: the merge raises a served capability's "
+                                  f"held-out loss by {worst:.1%} (> max_loss_increase {options.max_loss_increase:.0%}"
+                                  "); its members keep their own towers")
+                del merged
+                gc.collect()
+                continue
+            folder = tmp / f"merged-{len(record['merged'])}"
+            merged.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            del merged
+            gc.collect()
+            entry["folder"] = str(out / folder.name)
+            record["merged"].append(entry)
         record["seconds"] = round(time.perf_counter() - start, 1)
         with atomic_file(tmp / "align.json") as f:
             f.write_text(json.dumps(record, indent=1, default=str))

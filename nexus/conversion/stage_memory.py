@@ -479,15 +479,27 @@ def plan_localise_ram(recipe, runtime, profile=None, student=None):
 
 def plan_align_ram(recipe, runtime, profile=None, student=None):
     """The align stage: per group of tower teachers, every member resident in fp32 at once, plus the merged copy, the
-    plain average and one calibration forward of each (no group: nothing loads). Without a profile every eligible
-    teacher is a candidate, an upper bound. ``method: ties`` also holds its per-tensor working set
-    (`ties_working_set_bytes`)."""
+    plain average and one calibration forward of each (no group: nothing loads). Groups are merged one after another,
+    so the plan is the largest group's. Without a profile every eligible teacher is a candidate and teachers are
+    grouped by their config's shapes alone (the tokenizer is not compared), an upper bound. ``method: ties`` also
+    holds its per-tensor working set (`ties_working_set_bytes`)."""
+    from .align import SHAPE_KEYS
+
     options = recipe.stage("align")
     teachers = _tower_teachers(recipe, profile)
     infos = [(spec, teacher_footprint(recipe, spec)) for spec in teachers]
-    members = [(spec, info) for spec, info in infos if info["folder"] is not None]
-    if len(members) < 2:
+    groups = {}
+    for spec, info in infos:
+        if info["folder"] is None:
+            continue
+        config = load_config(info["folder"])
+        config = getattr(config, "text_config", None) or config
+        key = json.dumps([getattr(config, k, None) for k in SHAPE_KEYS], default=str)
+        groups.setdefault(key, []).append((spec, info))
+    groups = [g for g in groups.values() if len(g) > 1]
+    if not groups:
         return _largest({}, "align")
+    members = max(groups, key=lambda g: sum(info["params"] for _, info in g))
     weights = sum(4 * info["params"] for _, info in members)
     largest = max(4 * info["params"] for _, info in members)
     activations = 0

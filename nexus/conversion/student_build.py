@@ -845,7 +845,9 @@ def run_student_build(recipe: Recipe, profile=None, out=None, console=None, show
     if recipe.stage(STAGE).localisation == "off":
         feature_map = None
     merged = (aligned or {}).get("merged") or None
-    digest = build_inputs_digest(recipe, profile, texts, feature_map, (aligned or {}).get("inputs_digest"))
+    # an align stage that merged nothing leaves the build's inputs (and its reuse key) as they were without it
+    digest = build_inputs_digest(recipe, profile, texts, feature_map,
+                                 (aligned or {}).get("inputs_digest") if merged else None)
     record_path = out / "student_build.json"
     if not force and record_path.is_file():
         try:

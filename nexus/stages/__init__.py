@@ -14,8 +14,11 @@ STAGES: dict[str, type[Stage]] = {}
 BUILTIN_STAGE_MODULES = ("nexus.stages.profile", "nexus.stages.localise", "nexus.stages.align",
                          "nexus.stages.student_build", "nexus.stages.distill", "nexus.stages.validate",
                          "nexus.stages.export")
-# What `nexus consolidate` runs when the recipe has no ``pipeline:`` list.
-DEFAULT_PIPELINE = ("profile", "student_build", "distill", "validate", "export")
+# What `nexus consolidate` runs when the recipe has no ``pipeline:`` list. ``align`` is optional (a recipe may leave it
+# out) but on by default: it is a no-op unless two tower teachers share an architecture and a tokenizer, and where it
+# applies it paid (+0.312 min retention, paired, `nexus.stages.align`). ``localise`` is off by default (RESULTS.md
+# section 2: its effect was not positive).
+DEFAULT_PIPELINE = ("profile", "align", "student_build", "distill", "validate", "export")
 
 
 def register_stage(cls: type[Stage]) -> type[Stage]:

@@ -1,11 +1,12 @@
 """`nexus consolidate RECIPE`: the recipe's stage list, in order, each stage reusing its own cache.
 
-The list is the recipe's ``pipeline:`` (default `DEFAULT_PIPELINE`: profile -> student_build -> distill -> validate
--> export); optional stages (``localise``) are added there, and `resolve_pipeline` checks that every stage is
-registered, appears once, that no required stage is left out and that each stage's inputs come from a stage earlier
-in the list. Everything goes under ``runs/<name>/``. Each stage keys its artefacts by a hash of its inputs, so a rerun
-reuses finished stages and a killed distillation resumes exactly (the same final weights as an uninterrupted run);
-the export is cheap and is redone. `nexus demo` is this function on the bundled specialists.
+The list is the recipe's ``pipeline:`` (default `DEFAULT_PIPELINE`: profile -> align -> student_build -> distill ->
+validate -> export; align is a no-op unless two tower teachers share an architecture and a tokenizer); optional
+stages (``localise``) are added there and optional ones may be left out (``align``). `resolve_pipeline` checks that
+every stage is registered, appears once, that no required stage is left out and that each stage's inputs come from a
+stage earlier in the list. Everything goes under ``runs/<name>/``. Each stage keys its artefacts by a hash of its
+inputs, so a rerun reuses finished stages and a killed distillation resumes exactly (the same final weights as an
+uninterrupted run); the export is cheap and is redone. `nexus demo` is this function on the bundled specialists.
 
 Memory: before the first stage every stage's peak RAM is planned (upper bounds where an input does not exist yet)
 and printed, and again from the real inputs just before each later stage; a stage planned over the budget

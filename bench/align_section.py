@@ -4,7 +4,9 @@ or merged into ONE tower by the align stage (OT unit matching, the plain linear 
 parameter budget and the same distillation. Per variant: its retention per capability and the paired difference
 from the two-tower student. Per merge method, from ``bench/results/align_gemma_pair.json`` (`bench/align_real.py`):
 each capability's held-out next-token loss under its own teacher, under the merged teacher and under the plain
-average, before any pruning (the merge's own cost), and how many units OT moved."""
+average, before any pruning (the merge's own cost), and how many units OT moved. A method whose merged teacher is
+bit-identical to OT's (``bench/results/align_merge_identity.json``, `bench/merge_identity.py`) is said to share
+align_ot's student instead of being listed as not run."""
 
 import json
 from pathlib import Path
@@ -38,7 +40,24 @@ def merge_cost_lines(path, md_table) -> list:
                       "OT moved"], rows)]
 
 
-def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, align_json=None) -> list:
+def identity_lines(path, missing) -> list:
+    """A merge method not run at the student level whose merged teacher is bit-identical to OT's
+    (``align_merge_identity.json``, `bench/merge_identity.py`): its student would be align_ot's."""
+    if "align_linear" not in missing or path is None or not path.is_file():
+        return []
+    pairs = json.loads(path.read_text())["pairs"]
+    r = pairs.get("ot vs linear (align_real)")
+    if not r or not r["identical"]:
+        return []
+    return ["", f"align_linear is not run at the student level: its merged teacher is bit-identical to OT's "
+                f"({r['tensors']} tensors, {r['differing_tensors']} differ, max |OT − linear| = "
+                f"{r['max_abs_diff']:g}; the align_ot student's merge is that same model: "
+                f"`python bench/merge_identity.py`, `{path.name}`), and the build and distillation are deterministic "
+                "functions of it, so its student is the align_ot row."]
+
+
+def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, align_json=None,
+                  identity_json=None) -> list:
     folder = Path(folder)
     records = load_compare(folder) if folder.is_dir() else {}
     done = {n: records[n] for n in ORDER if records.get(n, {}).get("status") == "done"}
@@ -65,6 +84,10 @@ def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table,
                         "Δ min vs two towers", "verdict"], rows), ""]
     lines += merge_cost_lines(Path(align_json) if align_json is not None else None, md_table)
     missing = [n for n in ORDER if n not in done]
+    same = identity_lines(Path(identity_json) if identity_json is not None else None, missing)
+    lines += same
+    if same:
+        missing.remove("align_linear")
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
     return lines

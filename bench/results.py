@@ -524,7 +524,8 @@ def claims_lines(out_dir: Path) -> list:
 
 def align_lines(out_dir: Path) -> list:
     return align_md.align_section(out_dir / "gemma_pair", load_compare, paired_delta, verdict, fmt_ci, md_table,
-                                  align_json=out_dir / "align_gemma_pair.json")
+                                  align_json=out_dir / "align_gemma_pair.json",
+                                  identity_json=out_dir / "align_merge_identity.json")
 
 
 def localisation_lines(out_dir: Path) -> list:

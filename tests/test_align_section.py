@@ -60,6 +60,25 @@ def test_align_section_rows_deltas_losses_and_what_is_missing(tmp_path):
     assert "prose: gemma, code: gemma-code" in text
 
 
+def _identity_json(path, identical):
+    pair = {"tensors": 236, "only_in_one": [], "differing_tensors": 0 if identical else 3,
+            "max_abs_diff": 0.0 if identical else 0.25, "identical": identical}
+    path.write_text(json.dumps({"pairs": {"ot vs linear (align_real)": pair}}))
+    return path
+
+
+def test_a_linear_merge_identical_to_ots_shares_its_student_instead_of_not_run(tmp_path):
+    results, section = load_bench("results"), load_bench("align_section")
+    _write(tmp_path / "gemma_pair", _record("nexus", 0, 0.80, 0.70, 2), _record("align_ot", 1, 0.85, 0.75, 1))
+    args = (tmp_path / "gemma_pair", results.load_compare, _fake_delta, results.verdict, results.fmt_ci,
+            results.md_table)
+    text = "\n".join(section.align_section(*args, identity_json=_identity_json(tmp_path / "i.json", True)))
+    assert "its merged teacher is bit-identical to OT's (236 tensors, 0 differ, max |OT − linear| = 0;" in text
+    assert "Not run yet: align_ties." in text and "align_linear, align_ties" not in text
+    text = "\n".join(section.align_section(*args, identity_json=_identity_json(tmp_path / "j.json", False)))
+    assert "bit-identical" not in text and "Not run yet: align_linear, align_ties." in text
+
+
 def test_align_section_without_a_two_tower_run_says_how_to_make_it(tmp_path):
     results, section = load_bench("results"), load_bench("align_section")
     _write(tmp_path / "gemma_pair", _record("align_ot", 1, 0.85, 0.75, 1))

@@ -2,14 +2,17 @@
 
     python bench/acceptance_gemma_pair.py            # reuses a finished run; --force runs it again
 
-Runs ``nexus consolidate bench/recipes/gemma_pair_acceptance.yaml`` as a child process (``--threads``, default one; wall time and peak
-RSS measured around it): Gemma-3-270M (prose), its code fine-tune (code, `bench/train_gemma_specialist.py`) and the
-arithmetic specialist, with the pipeline ``profile, localise, align, student_build, distill (LMC refine), validate,
-export``. Then reads what each stage wrote in ``bench/out/runs/gemma_pair_acceptance/`` and writes
+Runs ``nexus consolidate bench/recipes/gemma_pair_acceptance.yaml`` as a child process (``--threads``, default one;
+wall time and peak RSS measured around it): Gemma-3-270M (prose), its code fine-tune (code,
+`bench/train_gemma_specialist.py`) and the arithmetic specialist, with the pipeline ``profile, localise, align,
+student_build, distill (LMC refine), validate, export``. Then reads what each stage wrote in
+``bench/out/runs/gemma_pair_acceptance/`` and writes
 ``bench/results/gemma_pair_acceptance.json``: the stages run with their seconds and RAM (plan vs measured), what
 localise selected per teacher and capability (units, causal drop against the random control), what align merged
 (the held-out loss of each capability under its own teacher, the merge and the plain average), the LMC path (chosen
-α, barrier), the student's size and its retention per capability with 95% CIs. Prints a summary; asserts nothing.
+α, barrier), the student's size and its retention per capability with 95% CIs, its per-item rows, and (when it was
+validated on the same items) its paired difference from the align_ot comparison run (the same pair, budget and
+distillation without localise): localise's own effect on this pair. Prints a summary; asserts nothing.
 """
 
 import argparse
@@ -63,6 +66,42 @@ def localise_summary(feature_map: dict | None) -> dict | None:
     return out
 
 
+def student_items(run: Path, report: dict) -> dict | None:
+    """Per capability, the student's and the teacher's per-item rows with the validate stage's bootstrap seed
+    (`compare_methods.item_block`), so that this run pairs item by item with a comparison record."""
+    from compare_methods import item_block
+
+    from nexus.conversion.recipe import load_recipe
+
+    items, profile_items = run / "validate" / "items.json", run / "profile" / "items.json"
+    if not report or not items.is_file() or not profile_items.is_file():
+        return None
+    recipe = load_recipe(RECIPE)
+    return item_block(recipe, report, json.loads(profile_items.read_text()),
+                      json.loads(items.read_text())["student"])
+
+
+def against(record: dict, other_path: Path) -> dict | None:
+    """This run minus ``other_path``'s compare record (the same pair, budget and distillation without the localise
+    stage), per capability and on the minimum, paired bootstrap 95% CIs; None when not on the same items."""
+    import results as results_md
+
+    if record.get("items") is None or not other_path.is_file():
+        return None
+    other = json.loads(other_path.read_text())
+    if other.get("status") != "done":
+        return None
+    mine = {"retention": record["retention"], "items": record["items"], "min": record["min"]}
+    # pairing rests on the items: the same teacher rows and bootstrap seeds (paired_delta checks both), not on the
+    # base recipe's hash, which differs by the pipeline line
+    theirs = {**other, "base_recipe_sha256": None, "resolved_recipe_sha256": None}
+    delta = results_md.paired_delta(mine, theirs)
+    if delta is None:
+        return None
+    return {"record": str(other_path.relative_to(HERE.parent)), "label": other.get("label"),
+            "other_min": other.get("min"), "delta": delta}
+
+
 def summarise(run: Path, cost: dict) -> dict:
     memory = _json(run / "memory_plan.json") or {}
     align = _json(run / "align" / "align.json") or {}
@@ -86,6 +125,7 @@ def summarise(run: Path, cost: dict) -> dict:
         "retention": {cap: {k: e.get(k) for k in ("value", "ci", "teacher", "metric", "n")}
                       for cap, e in (report.get("retention") or {}).items()},
         "min": report.get("min"),
+        "items": student_items(run, report),
         "gate": report.get("gate"),
         "export": (run / "export").is_dir(),
     }
@@ -115,6 +155,7 @@ def main(argv=None):
         cost = json.loads(measure.read_text())
         console.print(f"reusing the finished run {run} (measured {measure}; --force runs it again)")
     result = summarise(run, cost)
+    result["localise_effect"] = against(result, RESULTS / "gemma_pair" / "align_ot.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=1, allow_nan=False))
@@ -126,6 +167,15 @@ def main(argv=None):
         console.print(f"LMC: best alpha {result['lmc'].get('best_alpha')}, barrier {result['lmc'].get('barrier')}")
     for cap, e in result["retention"].items():
         console.print(f"{cap}: retention {e['value']} {e['ci']} (vs {e['teacher']}, {e['metric']}, n={e['n']})")
+    effect = result["localise_effect"]
+    if effect is not None:
+        d = effect["delta"]
+        console.print(f"localise ON minus {effect['record']} (align ON, no localise): min {d['min']['value']:+.3f} "
+                      f"[{d['min']['ci'][0]:+.3f}, {d['min']['ci'][1]:+.3f}]; "
+                      + "; ".join(f"{c} {e['value']:+.3f} [{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}]"
+                                  for c, e in d["per_capability"].items()))
+    else:
+        console.print("localise effect: not paired with bench/results/gemma_pair/align_ot.json (other items)")
     console.print(f"wrote {args.out}")
     return result
 

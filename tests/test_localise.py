@@ -461,3 +461,46 @@ def test_items_never_exceed_the_models_positions(planted_run):
                            LocaliseOptions(**{**OPTIONS, "max_item_tokens": 64}), localise=["general"])
     assert entry["general"]["present"] is False and entry["_forwards"] == 1
     assert max(widths) == 24  # the 65-token general items were cut to the model's 24 positions
+
+
+# ---------------------------------------------------------------------------------------------- compute on this CPU
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_a_bf16_teacher_is_localised_in_fp32_where_bf16_matmuls_are_not_native(planted_run, tmp_path, monkeypatch):
+    """On a CPU without native bf16 (NEXUS_NATIVE_BF16=0, as the suite pins) bf16 weights take torch's slow reference
+    GEMM, so a bf16 teacher is held in fp32 for localisation (and planned so); with native bf16 it stays bf16 and
+    autocast is on by default. An explicit ``autocast: true`` keeps the recipe's dtype."""
+    from nexus.conversion.localise import localise_compute
+    from nexus.conversion.stage_memory import plan_localise_ram
+
+    root = planted_run[0]
+    raw = yaml.safe_load((root / "recipe.yaml").read_text())
+    raw["teachers"] = [{"name": "tiny", "source": str(root / "teacher"), "dtype": "bf16"}]
+    raw["run_dir"] = str(tmp_path / "runs")
+    for cap in raw["capabilities"]:
+        cap["data"] = str(root / cap["data"])
+    raw["stages"]["localise"] = {k: v for k, v in OPTIONS.items() if k != "autocast"}  # the default (None)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    for native, weights, autocast in (("0", torch.float32, False), ("1", torch.bfloat16, True)):
+        monkeypatch.setenv("NEXUS_NATIVE_BF16", native)
+        recipe = load_recipe(tmp_path / "recipe.yaml")
+        loaded = {}
+
+        def stop(name, model, loaded=loaded):
+            loaded["dtype"] = next(model.parameters()).dtype
+            raise _Loaded  # what was loaded is all this test needs
+
+        with pytest.raises(_Loaded):
+            run_localise(recipe, show_progress=False, on_teacher_loaded=stop)
+        assert loaded["dtype"] == weights
+        assert localise_compute("bf16", None) == ("fp32" if native == "0" else "bf16", autocast)
+        params = sum(p.numel() for p in planted_run[1].parameters())
+        plan = plan_localise_ram(recipe, 0)
+        assert plan["components"]["teacher_weights"] == (4 if native == "0" else 2) * params
+        assert not (tmp_path / "runs" / "planted" / "localise").exists()  # nothing half-written
+    monkeypatch.setenv("NEXUS_NATIVE_BF16", "0")
+    assert localise_compute("bf16", True) == ("bf16", True) and localise_compute("fp32", None) == ("fp32", False)

@@ -104,11 +104,32 @@ class LocaliseOptions(BaseModel):
     n_bootstrap: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples for every CI")
     min_margin: float = Field(0.05, gt=0, description="margins over chance are floored at this (score units)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for items, bootstrap and random sets")
-    autocast: bool = Field(True, description="bf16 autocast (2-4x faster on CPU)")
+    autocast: bool | None = Field(
+        None, description="bf16 autocast. Default: on where the CPU multiplies bf16 natively (AVX512-BF16 / AMX), "
+                          "off elsewhere, where a bf16-stored teacher is then held in fp32 while it is localised "
+                          "(`localise_compute`: bf16 matmuls there take the slow path)")
     tower: int | str | None = Field(None, description="which tower of a multi-tower Nexus teacher to localise")
 
 
 register_stage_options(STAGE, LocaliseOptions)
+
+
+def localise_compute(teacher_dtype: str, autocast: bool | None) -> tuple[str, bool]:
+    """``(weights dtype, autocast)`` a teacher of recipe dtype ``teacher_dtype`` is localised with.
+
+    Localisation runs the teacher forward and backward many times. On a CPU without native bf16 matmuls
+    (`probes.compute_mode.native_bf16_matmul`; ``NEXUS_NATIVE_BF16`` overrides it) bf16 weights take torch's
+    reference GEMM: on this project's AVX2 machine a 512x640 @ 640x2048 linear took 0.22 s forward and 2.8 s forward +
+    backward in bf16 against 0.023 s and 0.12 s in fp32 (one thread), and the acceptance run's Gemma localisation spent
+    98.5% of its samples in that path (py-spy). There the teacher is held in fp32 for this stage (twice its bf16
+    RAM, planned by `stage_memory.plan_localise_ram`) unless the recipe asks for autocast."""
+    from .probes.compute_mode import native_bf16_matmul
+
+    native = native_bf16_matmul()
+    autocast = native if autocast is None else autocast
+    if teacher_dtype == "bf16" and not native and not autocast:
+        return "fp32", autocast
+    return teacher_dtype, autocast
 
 
 class LocaliseError(ValueError):
@@ -433,6 +454,8 @@ def run_localise(recipe: Recipe, console=None, show_progress=True, force=False, 
     inputs = localise_inputs(recipe)
     # what gets localised against what: a rule change in `plan_localise` must not reuse a map made under the old one
     inputs["plan"] = {teacher: [targets, needed] for teacher, (targets, needed, _) in plan.items()}
+    compute = {t.name: localise_compute(t.dtype, options.autocast) for t in recipe.teachers}
+    inputs["compute"] = compute  # fp32 vs bf16 weights and autocast give (slightly) different maps
     run = recipe.run_path
     out = run / STAGE
     manifest = out / "manifest.json"
@@ -457,13 +480,15 @@ def run_localise(recipe: Recipe, console=None, show_progress=True, force=False, 
                 targets, needed, skipped = plan[teacher.name]
                 if not targets:
                     continue
-                model, tokenizer = load_teacher(teacher.source, DTYPES[teacher.dtype], teacher.allow_pickle,
+                weights, autocast = compute[teacher.name]
+                model, tokenizer = load_teacher(teacher.source, DTYPES[weights], teacher.allow_pickle,
                                                 teacher.trust_remote_code, recipe.cache_dir)
                 if on_teacher_loaded:
                     on_teacher_loaded(teacher.name, model)
                 refs = {t: [r for r in references[t] if r in needed] for t in targets}
                 entry = localise_model(
-                    model, tokenizer, [caps[n] for n in needed], refs, options,
+                    model, tokenizer, [caps[n] for n in needed], refs,
+                    options.model_copy(update={"autocast": autocast}),
                     competent={c: competence.get(c, {}).get(teacher.name) for c in targets},
                     progress=progress, label=teacher.name)
                 if skipped:

@@ -459,11 +459,14 @@ def plan_table(plans, budget, source, measured=None):
 
 
 def plan_localise_ram(recipe, runtime, profile=None, student=None):
-    """Localisation: one teacher resident at a time in its recipe dtype, forwards of ``tokens_per_batch`` tokens with
-    the head over all positions (ablation scores), plus the activations kept for the attribution gradient (one
-    backward through the teacher: `_training_activations`) when ``attribution: gradient``."""
+    """Localisation: one teacher resident at a time in the dtype it is localised in (`localise.localise_compute`: fp32
+    for a bf16 teacher on a CPU without native bf16), forwards of ``tokens_per_batch`` tokens with the head over all
+    positions (ablation scores), plus the activations kept for the attribution gradient (one backward through the
+    teacher: `_training_activations`) when ``attribution: gradient``."""
+    from .localise import localise_compute
+
     options = recipe.stage("localise")
-    specs = _eligible(recipe)
+    specs = [s.model_copy(update={"dtype": localise_compute(s.dtype, options.autocast)[0]}) for s in _eligible(recipe)]
     plans = _teacher_forward_plans(recipe, specs, runtime, 1, options.tokens_per_batch, "native", "localise",
                                    sliced_head=False)
     if options.attribution == "gradient":

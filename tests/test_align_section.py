@@ -51,7 +51,8 @@ def test_align_section_rows_deltas_losses_and_what_is_missing(tmp_path):
     lines = section.align_section(tmp_path / "gemma_pair", results.load_compare, _fake_delta, results.verdict,
                                   results.fmt_ci, results.md_table, align_json=_align_json(tmp_path / "a.json"))
     text = "\n".join(lines)
-    assert "| label nexus | 1,000 | 2 | 0.800 [0.790, 0.810] | 0.700 [0.690, 0.710] |" in text
+    assert ("| two towers: the pipeline with align left out (one tower per teacher) | 1,000 | 2 | 0.800 [0.790, 0.810] "
+            "| 0.700 [0.690, 0.710] |") in text
     assert "| label align_ot | 1,000 | 1 |" in text and "+0.050 [+0.040, +0.060] | **two towers worse** |" in text
     assert "-0.040 [-0.050, -0.030] | **two towers better** |" in text
     assert "| ot | prose | gemma | 3.9000 | 3.7500 | 3.7500 | 1016 | 0 of 36,864 FFN units, 0 heads |" in text

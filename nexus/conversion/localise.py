@@ -119,10 +119,10 @@ def localise_compute(teacher_dtype: str, autocast: bool | None) -> tuple[str, bo
 
     Localisation runs the teacher forward and backward many times. On a CPU without native bf16 matmuls
     (`probes.compute_mode.native_bf16_matmul`; ``NEXUS_NATIVE_BF16`` overrides it) bf16 weights take torch's
-    reference GEMM: on this project's AVX2 machine a 512x640 @ 640x2048 linear took 0.22 s forward and 2.8 s forward +
-    backward in bf16 against 0.023 s and 0.12 s in fp32 (one thread), and the acceptance run's Gemma localisation spent
-    98.5% of its samples in that path (py-spy). There the teacher is held in fp32 for this stage (twice its bf16
-    RAM, planned by `stage_memory.plan_localise_ram`) unless the recipe asks for autocast."""
+    reference GEMM: on this project's AVX2 machine Gemma-3-270M's body took 17.3x longer forward + backward with bf16
+    weights than with fp32 ones (4.3x forward only; `python bench/bf16_matmul_speed.py`), and the acceptance run's
+    Gemma localisation spent 98.5% of its samples in that path (py-spy). There the teacher is held in fp32 for this
+    stage (twice its bf16 RAM, planned by `stage_memory.plan_localise_ram`) unless the recipe asks for autocast."""
     from .probes.compute_mode import native_bf16_matmul
 
     native = native_bf16_matmul()

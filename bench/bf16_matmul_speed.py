@@ -86,8 +86,8 @@ def main(argv=None):
 
     folder = resolve_teacher_folder(args.gguf, False, args.cache_dir)
     result = {"cpu": platform.processor() or platform.machine(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16_matmul": native_bf16_matmul(), "threads": args.threads, "torch": torch.__version__,
-              "cases": {}}
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16_matmul": native_bf16_matmul(),
+              "threads": args.threads, "torch": torch.__version__, "cases": {}}
     for name, run in (("linear 640->2048, 512 tokens", lambda d: linear_case(d, 5)),
                       (f"gemma-3-270m body, {args.tokens} tokens", lambda d: gemma_case(folder, d, args.tokens,
                                                                                         args.repeats))):

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/paths.py, also
 from paths import RESULTS  # noqa: E402
 import ablation_section as ablation_md  # noqa: E402
 import add_teacher_section as add_teacher_md  # noqa: E402
+import acceptance_section as acceptance_md  # noqa: E402
 import align_section as align_md  # noqa: E402
 import allocation_proxy_section as proxy_md  # noqa: E402
 import claims_section as claims_md  # noqa: E402
@@ -504,6 +505,7 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
     parts += ["", add_teacher_md.TITLE, "", *add_teacher_md.add_teacher_section(Path(out_dir) / "add_teacher.json",
                                                                                 fmt_ci, md_table)]
     parts += ["", align_md.TITLE, "", *align_lines(Path(out_dir))]
+    parts += ["", acceptance_md.TITLE, "", *acceptance_lines(Path(out_dir))]
     text = "\n".join(parts) + "\n"
     from nexus.conversion.atomic_output import atomic_file
 
@@ -526,6 +528,10 @@ def align_lines(out_dir: Path) -> list:
     return align_md.align_section(out_dir / "gemma_pair", load_compare, paired_delta, verdict, fmt_ci, md_table,
                                   align_json=out_dir / "align_gemma_pair.json",
                                   identity_json=out_dir / "align_merge_identity.json")
+
+
+def acceptance_lines(out_dir: Path) -> list:
+    return acceptance_md.acceptance_section(out_dir / "gemma_pair_acceptance.json", fmt_ci, md_table, verdict)
 
 
 def localisation_lines(out_dir: Path) -> list:
@@ -559,8 +565,8 @@ def main(argv=None):
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
     parser.add_argument("--committed-sections", action="store_true",
                         help="rewrite only §5 (size sweep), §6 (claims), §7 (localisation), §8 (allocation "
-                             "proxy), §9 (add-teacher) and §10 (same-family merge), the sections whose JSON is "
-                             "committed, in --md (the other sections' JSON may not be on this machine)")
+                             "proxy), §9 (add-teacher), §10 (same-family merge) and §11 (every optional stage on), the "
+                             "sections whose JSON is committed, in --md (the other sections' JSON may not be on this machine)")
     args = parser.parse_args(argv)
     if args.committed_sections:
         replace_section(args.md, size_sweep_md.TITLE, sweep_lines(args.out_dir))
@@ -570,7 +576,8 @@ def main(argv=None):
             args.out_dir / "allocation_proxy.json", fmt_ci, md_table))
         replace_section(args.md, add_teacher_md.TITLE, add_teacher_md.add_teacher_section(
             args.out_dir / "add_teacher.json", fmt_ci, md_table))
-        text = replace_section(args.md, align_md.TITLE, align_lines(args.out_dir))
+        replace_section(args.md, align_md.TITLE, align_lines(args.out_dir))
+        text = replace_section(args.md, acceptance_md.TITLE, acceptance_lines(args.out_dir))
         print(text)
         return text
     png = args.png or args.md.with_name("RESULTS_retention.png")

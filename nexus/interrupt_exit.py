@@ -58,9 +58,12 @@ def resume_line(argv) -> str:
 @contextlib.contextmanager
 def resumable(resume_argv, console=None):
     """Run the block; on SIGINT/SIGTERM print where it stopped and ``nexus <resume_argv>``, then exit 130/143."""
-    previous = None
+    previous = previous_int = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        # Ctrl-C must raise KeyboardInterrupt here even if a library or an earlier caller in this process replaced
+        # Python's default handler (seen in the full test suite on a fresh install: SIGINT no longer interrupted)
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except KeyboardInterrupt as exc:
@@ -77,3 +80,5 @@ def resumable(resume_argv, console=None):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)

@@ -137,8 +137,10 @@ def test_an_interrupt_names_the_stage_and_the_resume_command(tmp_path, llama_dir
     monkeypatch.setattr(profile_module, "_profile_into", interrupted)
     recipe = _recipe(tmp_path, llama_dir)
     previous = signal.getsignal(signal.SIGTERM)
+    before_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a handler someone else left: Ctrl-C still stops us
     result = CliRunner().invoke(app, ["consolidate", str(recipe), "--quiet"], env={"COLUMNS": "1000"})
-    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handlers are restored
+    assert signal.signal(signal.SIGINT, before_int) == signal.SIG_IGN
     assert result.exit_code == code, (result.output, result.exception)
     assert "Traceback" not in result.output
     line = next(ln for ln in result.output.splitlines() if ln.startswith("interrupted"))

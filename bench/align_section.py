@@ -60,7 +60,7 @@ def identity_lines(path, missing) -> list:
 
 
 def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, align_json=None,
-                  identity_json=None) -> list:
+                  identity_json=None, unpaired_reason=None) -> list:
     folder = Path(folder)
     records = load_compare(folder) if folder.is_dir() else {}
     done = {n: records[n] for n in ORDER if records.get(n, {}).get("status") == "done"}
@@ -86,6 +86,11 @@ def align_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table,
                      "–" if name == "nexus" else verdict(d["min"]).replace("NEXUS", "two towers") if d else "–"])
     lines += [md_table(["variant", "params", "towers", *caps, "min [95% CI]", "mean [95% CI]",
                         "Δ min vs two towers", "verdict"], rows), ""]
+    unpaired = [(r["label"], unpaired_reason(r, nexus)) for n, r in done.items()
+                if n != "nexus" and unpaired_reason is not None and unpaired_reason(r, nexus)]
+    if unpaired:
+        lines += ["Not paired with the two-tower run, so only their own CIs compare: "
+                  + "; ".join(f"{label}: {reason}" for label, reason in unpaired) + ".", ""]
     lines += merge_cost_lines(Path(align_json) if align_json is not None else None, md_table)
     missing = [n for n in ORDER if n not in done]
     same = identity_lines(Path(identity_json) if identity_json is not None else None, missing)

@@ -527,7 +527,7 @@ def claims_lines(out_dir: Path) -> list:
 def align_lines(out_dir: Path) -> list:
     return align_md.align_section(out_dir / "gemma_pair", load_compare, paired_delta, verdict, fmt_ci, md_table,
                                   align_json=out_dir / "align_gemma_pair.json",
-                                  identity_json=out_dir / "align_merge_identity.json")
+                                  identity_json=out_dir / "align_merge_identity.json", unpaired_reason=unpaired_reason)
 
 
 def acceptance_lines(out_dir: Path) -> list:

@@ -1,7 +1,8 @@
 """Ablation tables rendered from compare_methods JSON: one NIWT part switched at a time against NEXUS on the same
 items, the paired difference per capability and of the minimum (issue 17, item 5).
 
-Used by the size sweep's section (the Gemma case, per point) and by the localisation section (the demo specialists,
+Used by the size sweep's section (the Gemma case, per point, and its re-measurements in a folder of their own,
+``size_sweep.py --results-dir``) and by the localisation section (the demo specialists,
 ``bench/results/compare-localisation/``)."""
 
 from pathlib import Path
@@ -58,4 +59,34 @@ def localisation_section(folder, load_compare, paired_delta, verdict, fmt_ci, md
              f"{fmt_ci(nexus['min'])}. 'localisation ON' adds the localise stage: the student build keeps the units "
              "whose selection beat random units in the causal check; 'preservation ON, critical units' also "
              "protects exactly those units while distilling.", ""]
+            + ablation_lines(rows, not_run, md_table))
+
+
+def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_table) -> list:
+    """Ablations re-measured with their own NEXUS run in ``folder`` (``size_sweep.py --points P --methods nexus
+    ABLATION --results-dir folder``): both arms ran on one machine with the same code and teachers, so they pair with
+    each other and not with the committed sweep (whose teachers were trained, and teacher rows scored, elsewhere)."""
+    folder = Path(folder)
+    points = sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: float(p.name)) if folder.is_dir() else []
+    rows, not_run, nexus_lines = [], [], []
+    for point in points:
+        records = load_compare(point)
+        nexus = records.get("nexus")
+        if not nexus or nexus.get("status") != "done":
+            continue
+        r_rows, r_not_run = ablation_rows(point.name, records, paired_delta, verdict, fmt_ci)
+        rows += r_rows
+        not_run += r_not_run
+        names = [n for n, r in records.items() if r.get("group") == "ablation"]
+        tr = nexus["train"]
+        nexus_lines.append(f"- {point.name}: NEXUS {nexus['params']['student']:,} params "
+                           f"({nexus['params']['ratio']:.3f}), {tr['steps']} distill steps, {tr['tokens']:,} "
+                           f"student tokens, min {fmt_ci(nexus['min'])} (`python bench/size_sweep.py --points "
+                           f"{point.name} --methods nexus {' '.join(names)} --results-dir bench/results/{folder.name}`;"
+                           f" torch {nexus.get('torch', '?')}, {nexus.get('threads', '?')} thread(s))")
+    if not rows and not not_run:
+        return []
+    return ([f"Re-measured in `bench/results/{folder.name}/`: NEXUS and the ablation ran again on one machine with "
+             "the same code and teachers, so they pair with each other (not with the table above, whose teachers "
+             "were trained and scored on another machine):", "", *nexus_lines, ""]
             + ablation_lines(rows, not_run, md_table))

@@ -11,7 +11,7 @@ issue's goals with the measured figure beside each.
 
 from pathlib import Path
 
-from ablation_section import UNPAIRED, ablation_lines, ablation_rows
+from ablation_section import UNPAIRED, ablation_lines, ablation_rows, remeasured_lines
 
 TITLE = "## 5. Size sweep: Gemma-3-270M + the arithmetic and code specialists"
 CAPABILITIES = ("prose", "code", "arithmetic")
@@ -25,7 +25,8 @@ def _points(folder):
     return sorted((p for p in Path(folder).glob("*") if p.is_dir()), key=lambda p: float(p.name))
 
 
-def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, png_name=None) -> list:
+def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, png_name=None,
+                       remeasured=()) -> list:
     """The section's lines (title excluded); the helpers are results.py's, passed in so there is one of each."""
     points = _points(folder)
     if not points:
@@ -115,6 +116,10 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
     if ablations or ablations_not_run:
         out += ["", "### Ablations on the Gemma case (issue 17, item 5): one NIWT part switched at a time", "",
                 *ablation_lines(ablations, ablations_not_run, md_table)]
+    for extra in remeasured:  # ablations re-run with their own NEXUS arm elsewhere (size_sweep.py --results-dir)
+        lines = remeasured_lines(extra, load_compare, paired_delta, verdict, fmt_ci, md_table)
+        if lines:
+            out += ["", *lines]
     measured = {(p.name, n) for p in points for n, r in load_compare(p).items() if r.get("status") == "done"}
     import size_sweep
 

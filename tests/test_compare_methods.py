@@ -288,3 +288,29 @@ def test_runs_resolved_with_other_code_defaults_are_not_paired(compared, llama_d
                               base_dir=tmp_path)
     assert "align" in aligned.stages and "align" not in compare.HASHED_STAGES
     assert compare.resolved_recipe_sha256(base) == compare.resolved_recipe_sha256(aligned)
+
+
+def test_a_remeasured_ablation_pairs_with_its_own_nexus_run(compared, tmp_path):
+    """An ablation re-run with its own NEXUS arm in a folder of their own (size_sweep.py --results-dir) is rendered
+    paired against that arm, with the command that made it; a folder with no NEXUS run renders nothing."""
+    _, root, _, _ = compared
+    results, ablation = load_bench("results"), load_bench("ablation_section")
+    nexus, dense = _record(root, "nexus"), _record(root, "fusellm_dense_kd")
+    switched = {**dense, "variant": "localisation_on", "group": "ablation", "label": "localisation ON"}
+    point = tmp_path / "again" / "0.25"
+    point.mkdir(parents=True)
+    (point / "nexus.json").write_text(json.dumps(nexus))
+    (point / "localisation_on.json").write_text(json.dumps(switched))
+    lines = ablation.remeasured_lines(tmp_path / "again", results.load_compare, results.paired_delta,
+                                      results.verdict, results.fmt_ci, results.md_table)
+    text = "\n".join(lines)
+    delta = results.paired_delta(switched, nexus)
+    assert delta is not None
+    assert "--methods nexus localisation_on --results-dir bench/results/again" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 0.25 | localisation ON"))
+    assert results.fmt_ci(delta["min"], signed=True) in row and results.verdict(delta["min"]) in row
+    (point / "nexus.json").unlink()
+    assert ablation.remeasured_lines(tmp_path / "again", results.load_compare, results.paired_delta,
+                                     results.verdict, results.fmt_ci, results.md_table) == []
+    assert ablation.remeasured_lines(tmp_path / "missing", results.load_compare, results.paired_delta,
+                                     results.verdict, results.fmt_ci, results.md_table) == []

@@ -27,6 +27,11 @@ def add_teacher_section(path, fmt_ci, md_table) -> list:
     rows.append(["**add / full**", f"{_f(ratio['wall_seconds'])} ({met['wall_seconds']})",
                  f"{_f(ratio['peak_rss_mb'])} ({met['peak_rss_mb']})"])
     lines += [md_table(["run", "wall s", "peak RSS MB"], rows), ""]
+    if not all(cost[n].get("peak_rss_source") for n in ("base_consolidate", "add_teacher", "full_consolidate")):
+        lines += ["**These peak RSS figures are not the runs' peaks**: they predate the sampled measurement "
+                  "(`bench/child_process.py`), so each is the peak of the run's last stage only (the pipeline resets "
+                  "the kernel's high-water mark before each stage); the RAM ratio and floor below are not measured "
+                  "until `python bench/add_teacher.py --force` is run again.", ""]
     floor = d.get("memory_floor")
     if floor:
         lines += [(f"RAM floor of any add-teacher here: the process after its imports "

@@ -38,8 +38,17 @@ def test_the_acceptance_section_shows_stages_selection_merge_lmc_retention_and_t
     results, section = load_bench("results"), load_bench("acceptance_section")
     text = "\n".join(section.acceptance_section(_acceptance(tmp_path / "a.json"), results.fmt_ci, results.md_table,
                                                 results.verdict))
-    assert "ran the stages profile, localise, align, student_build, distill, validate, export end to end in 4,321 s" \
+    assert "ran the stages profile, localise, align, student_build, distill, validate, export end to end; its last " \
+        "invocation (a run resumes the stages an interrupted one finished) took 4,321 s with 2 thread(s)" in text
+    # a record from before the child's peak was sampled: its process figure is the last stage's; the largest stage
+    # peak is shown instead, and says why
+    assert "peak RSS 4,000 MiB (the largest stage peak below; the process-level figure this record holds, 6,100 MiB" \
         in text
+    sampled = json.loads((tmp_path / "a.json").read_text())
+    sampled["cost"]["peak_rss_source"] = "max(VmHWM sampled, ru_maxrss)"
+    (tmp_path / "s.json").write_text(json.dumps(sampled))
+    assert "; peak RSS 6,100 MiB; exit code 3" in "\n".join(section.acceptance_section(
+        tmp_path / "s.json", results.fmt_ci, results.md_table, results.verdict))
     assert "| localise | 4,362 | 4,000 |" in text and "| align | 3,000 | – |" in text
     assert "| gemma | prose | yes | 12 neurons | 3.50 [2.10, 5.00] | 612 |" in text
     assert "| gemma | arithmetic | no | – | – | 612 |" in text

@@ -39,6 +39,13 @@ def test_add_teacher_section_renders_the_json(tmp_path):
     assert "| add teacher | 100 | 1100 |" in text
     assert "= 700 MB, **0.350** of the full consolidate's peak" in text and "1.57x that floor" in text
     assert "Proof passed: 9 / 9 old tensors bit-identical" in text
+    assert "not the runs' peaks" in text  # records without peak_rss_source hold the last stage's peak only
+    sampled = record()
+    for c in sampled["cost"].values():
+        c["peak_rss_source"] = "max(VmHWM sampled, ru_maxrss)"
+    (tmp_path / "results" / "add_teacher.json").write_text(json.dumps(sampled))
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    assert "not the runs' peaks" not in md.read_text() and "| add teacher | 100 | 1100 |" in md.read_text()
     assert "| rev | – | 0.900 [0.800, 1.000] | 1.000 [1.000, 1.000] |" in text
     # no JSON yet: the section says how to make it
     (tmp_path / "results" / "add_teacher.json").unlink()

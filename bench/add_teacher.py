@@ -11,7 +11,8 @@
    (same stage options), from an empty run folder.
 
 (a) and (b) each run as a child process with ``OMP_NUM_THREADS=1``; wall time is measured around it and peak RAM is
-the child's ``ru_maxrss`` from ``os.wait4`` (the largest resident set of it and of any process it waited for). Both
+the child's peak RSS as ``bench/child_process.py`` measures it (its ``VmHWM`` sampled while it runs, since the
+pipeline resets the high-water mark per stage and ``ru_maxrss`` alone would be the last stage's peak). Both
 start after the GGUF teacher was converted once (by the base run), so neither pays that import.
 
 Writes ``bench/results/add_teacher.json``: the costs and their ratio add / full (goal <= 0.25), the RAM floor any

@@ -6,10 +6,10 @@ Peak RSS: ``os.wait4``'s ``ru_maxrss`` alone is not the child's peak when the ch
 mark, as NEXUS's pipeline does before every stage (``nexus/conversion/peak_rss.py`` writes 5 to
 ``/proc/self/clear_refs``): it then reports the peak of the child's last stage only (a consolidate whose distill
 stage peaked at 4,144 MiB reported 1,400 MiB, its export stage). It also counts what the parent held when the child
-was forked, before its exec. So a thread also reads the child's ``VmHWM`` (its
-peak since the last reset) from ``/proc/<pid>/status`` every ``SAMPLE_SECONDS`` while it runs, and the peak is the
-largest of those readings and ``ru_maxrss``. Only a phase that peaks and is reset within one sampling interval can
-be missed. Where ``/proc`` is absent (macOS) it falls back to ``ru_maxrss`` and says so in ``peak_rss_source``."""
+was forked, before its exec. So a thread also reads the child's ``VmHWM`` (its peak since the last reset) from
+``/proc/<pid>/status`` every ``SAMPLE_SECONDS`` while it runs, and the peak is the largest of those readings and
+``ru_maxrss``. Only a phase that peaks and is reset within one sampling interval can be missed. Where ``/proc`` is
+absent (macOS) it falls back to ``ru_maxrss`` and says so in ``peak_rss_source``."""
 
 import os
 import subprocess
@@ -21,7 +21,8 @@ SAMPLE_SECONDS = 0.05
 
 
 def proc_peak_bytes(pid: int | str) -> int | None:
-    """``VmHWM`` of process ``pid`` (or ``"self"``) in bytes (its peak RSS since start or since its last reset); None if unknown."""
+    """``VmHWM`` of process ``pid`` (or ``"self"``) in bytes: its peak RSS since it started or since its last reset;
+    None if unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

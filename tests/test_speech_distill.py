@@ -44,7 +44,7 @@ def test_build_prune_distil(whisper_and_tokenizer):
     n = sum(p.numel() for p in student.model.encoders[0].parameters())
     assert n <= 0.9 * full
 
-    ex = SpeechExample(features=torch.randn(1, 80, 8), teacher_states=torch.randn(4, 16).half(),
+    ex = SpeechExample(features=torch.randn(1, 80, 16), teacher_states=torch.randn(8, 16).half(),
                        input_ids=torch.tensor(prompt + [12, 13]), topk_values=torch.randn(3, 4).half(),
                        topk_indices=torch.randint(0, len(tok), (3, 4)), transcript="lm", reference="lm")
     before = {k: v.clone() for k, v in student.state_dict().items()}
@@ -53,8 +53,11 @@ def test_build_prune_distil(whisper_and_tokenizer):
     after = student.state_dict()
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen
     assert not torch.equal(after["model.encoders.0.conv1.weight"], before["model.encoders.0.conv1.weight"])
-    assert not torch.equal(after["model.towers.0.layers.1.self_attn.q_proj.weight"],
-                           before["model.towers.0.layers.1.self_attn.q_proj.weight"])
+    assert not torch.equal(after["model.towers.0.layers.1.encoder_attn.q_proj.weight"],
+                           before["model.towers.0.layers.1.encoder_attn.q_proj.weight"])
+    frozen = distil_speech(student, [ex], steps=1, accumulate=1, progress=None, train_tower=False, bf16=False)
+    assert frozen[0]["ce"] > 0  # the transcription loss ran through the tower, which stayed as it was
+    assert all(torch.equal(v, after[k]) for k, v in student.state_dict().items() if k.startswith("model.towers."))
     enc_only = distil_speech(student, [ex], steps=1, accumulate=1, progress=None, weights=(1.0, 0.0, 0.0), bf16=False)
     assert enc_only[0]["ce"] == 0.0
 

@@ -42,6 +42,9 @@ AUDIO_ENCODER_DEFAULTS = {
     "downsample": 4,  # encoder frames stacked into one prefix embedding
     "projector": "mlp",  # "mlp": Linear -> GELU -> Linear; "linear": one Linear
     "transcribe_prompt_ids": [],  # text token ids after the audio prefix that ask for a transcript
+    # True: every clip is padded to the full window (max_source_positions x 2 frames, Whisper's 30 s), as Whisper
+    # reads audio; a decoder copied from Whisper expects that. False: a clip costs only its own frames.
+    "fixed_window": False,
 }
 PROJECTOR_KINDS = ("mlp", "linear")
 AUDIO_LAYER_REQUIRED = ("num_attention_heads", "head_dim", "intermediate_size")
@@ -59,6 +62,8 @@ def normalise_audio_encoder(spec, where):
         value = out[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
+    if not isinstance(out["fixed_window"], bool):
+        raise ValueError(f"{where}.fixed_window must be true or false, got {out['fixed_window']!r}")
     if out["projector"] not in PROJECTOR_KINDS:
         raise ValueError(f"{where}.projector must be one of {PROJECTOR_KINDS}, got {out['projector']!r}")
     if out["activation"] not in ACT2FN:
@@ -160,7 +165,8 @@ class NexusAudioEncoder(nn.Module):
     """Log-mel (B, n_mels, F) -> conv stem (stride 2) -> positions -> layers -> LayerNorm -> projector.
 
     ``F`` may be shorter than Whisper's fixed 3000 frames (30 s): positions are taken from the start, so a 4 s clip
-    costs 4 s of compute. ``forward`` returns ``(prefix (B, P, hidden), states (B, F/2, d_model))``; the states are
+    costs 4 s of compute (unless the spec's ``fixed_window`` pads every clip to the full window). ``forward``
+    returns ``(prefix (B, P, hidden), states (B, F/2, d_model))``; the states are
     what hidden-state distillation compares with the teacher's encoder output.
     """
 

@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 
 from .audio_encoder import normalise_audio_encoder
 from .low_rank_linear import FACTORISABLE
+from .whisper_decoder_tower import CACHE_SLOTS_PER_LAYER, normalise_whisper_decoder_tower
 
 NORM_TYPES = ("rms", "gemma_rms")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -60,6 +61,12 @@ DECODER_LAYER_REQUIRED = ("num_attention_heads", "num_key_value_heads", "head_di
 # before the text: "all" (prefix and text, causal), "text" (text only: self-attention) or "prefix" (the prefix only:
 # cross-attention written as self-attention). Without a prefix, "prefix" leaves each query only itself.
 LAYER_ATTENDS = ("all", "text", "prefix")
+
+
+def tower_cache_slots(spec):
+    """KV-cache slots a tower uses: one per layer, two per cross-attention (``whisper_decoder``) layer."""
+    per_layer = CACHE_SLOTS_PER_LAYER if spec.get("type") == "whisper_decoder" else 1
+    return per_layer * len(spec.get("layers", []))
 
 
 def _check_int(value, where, minimum=0):
@@ -191,6 +198,8 @@ class NexusConfig(PretrainedConfig):
                 raise ValueError(f"towers[{i}] must be a dict with a 'type' field")
             if spec["type"] == "decoder":
                 spec = normalise_decoder_tower(spec, f"towers[{i}]", hidden_size)
+            elif spec["type"] == "whisper_decoder":
+                spec = normalise_whisper_decoder_tower(spec, f"towers[{i}]", hidden_size)
             bad = [i for i in spec.get("vocabulary_ids") or [] if i >= vocab_size]
             if bad:
                 raise ValueError(f"towers[{i}].vocabulary_ids: id {bad[0]} is not below vocab_size ({vocab_size})")
@@ -211,7 +220,7 @@ class NexusConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         # One cache slot for the routing record, then every tower's layers in order (see NexusModel.forward).
-        self.num_hidden_layers = 1 + sum(len(t.get("layers", [])) for t in self.towers)
+        self.num_hidden_layers = 1 + sum(tower_cache_slots(t) for t in self.towers)
         kwargs.pop("num_hidden_layers", None)  # derived from the towers: a stale value in a config.json must not win
         super().__init__(
             pad_token_id=pad_token_id,
@@ -232,4 +241,4 @@ class NexusConfig(PretrainedConfig):
 
     def tower_layer_offset(self, tower_index):
         """Cache slot of the first layer of ``tower_index`` (slot 0 holds the routing record)."""
-        return 1 + sum(len(t["layers"]) for t in self.towers[:tower_index])
+        return 1 + sum(tower_cache_slots(t) for t in self.towers[:tower_index])

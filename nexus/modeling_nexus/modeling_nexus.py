@@ -34,6 +34,7 @@ from .configuration_nexus import NexusConfig
 from .low_rank_linear import projection
 from .registry import register, resolve
 from .transcribe import transcribe_audio
+from .whisper_decoder_tower import NexusWhisperDecoderTower  # noqa: F401  (registers tower type "whisper_decoder")
 
 # transformers renamed the cache argument and output field from ``past_key_values`` to ``cache`` during 5.x (5.25 passes
 # ``cache=`` from ``generate``). Nexus accepts both names and returns the cache under the installed version's name.
@@ -669,8 +670,8 @@ class NexusModel(NexusPreTrainedModel):
             out, all_hidden = self.towers[t](
                 inputs_embeds, ctx, past_key_values, collect_hidden=bool(output_hidden_states), input_ids=input_ids
             )
-            if self.towers[t].own_vocabulary:  # read by its own head (NexusForCausalLM)
-                own[t] = out
+            if self.towers[t].own_vocabulary or getattr(self.towers[t], "own_final_norm", False):
+                own[t] = out  # final-normed by the tower itself; read by its own head or the shared one
             elif hidden_states is None:
                 hidden_states = out
             else:
@@ -758,7 +759,7 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
 
         own = out.tower_hidden_states or ()
         logits = None
-        if not own or any(not self.model.towers[t].own_vocabulary for t in out.towers_run):  # a shared tower ran
+        if not own or any(own[t] is None for t in out.towers_run):  # a tower through the shared norm ran
             logits = self.lm_head(keep(out.last_hidden_state))  # (B, T, V)
             cap = self.config.final_logit_softcapping
             if cap is not None:
@@ -766,7 +767,8 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
         for t, h in enumerate(own):
             if h is None:
                 continue
-            tower_logits = self.model.towers[t].logits(keep(h))  # (B, T, V) from the tower's own head
+            tower = self.model.towers[t]  # its own head, or the shared head after the tower's own final norm
+            tower_logits = tower.logits(keep(h)) if tower.own_vocabulary else self.lm_head(keep(h))  # (B, T, V)
             logits = tower_logits if logits is None else torch.where(
                 (out.tower_index == t)[:, None, None], tower_logits.to(logits.dtype), logits)
         loss = None

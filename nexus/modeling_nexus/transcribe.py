@@ -21,13 +21,15 @@ from .audio_input import AudioInputError, load_wav
 
 
 def audio_features(waveforms, feature_extractor, encoder_spec):
-    """Mono waveforms (list of (T,) tensors at the encoder's rate) -> log-mel (B, n_mels, F), F the longest clip
-    rounded up to whole prefix embeddings (2 x downsample frames), not Whisper's fixed 30 s."""
+    """Mono waveforms (list of (T,) tensors at the encoder's rate) -> log-mel (B, n_mels, F): F the longest clip
+    rounded up to whole prefix embeddings (2 x downsample frames), or with the spec's ``fixed_window`` the full
+    window (Whisper's 30 s). Longer audio is cut at the window."""
     rate = encoder_spec["sampling_rate"]
     hop = getattr(feature_extractor, "hop_length", 160)
     unit = hop * 2 * encoder_spec["downsample"]  # samples per prefix embedding
+    window = encoder_spec["max_source_positions"] * 2 * hop
     longest = max(int(w.shape[-1]) for w in waveforms)
-    length = min(-(-longest // unit) * unit, encoder_spec["max_source_positions"] * 2 * hop)
+    length = window if encoder_spec.get("fixed_window") else min(-(-longest // unit) * unit, window)
     batch = [torch.nn.functional.pad(w.float(), (0, max(0, length - w.shape[-1])))[:length].numpy()
              for w in waveforms]
     feats = feature_extractor(batch, sampling_rate=rate, return_tensors="pt", padding="do_not_pad").input_features

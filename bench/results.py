@@ -31,6 +31,7 @@ import align_section as align_md  # noqa: E402
 import allocation_proxy_section as proxy_md  # noqa: E402
 import claims_section as claims_md  # noqa: E402
 import size_sweep_section as size_sweep_md  # noqa: E402
+import speech_section as speech_md  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CAPS_ORDER = ("prose", "code", "arithmetic")
@@ -506,6 +507,7 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
                                                                                 fmt_ci, md_table)]
     parts += ["", align_md.TITLE, "", *align_lines(Path(out_dir))]
     parts += ["", acceptance_md.TITLE, "", *acceptance_lines(Path(out_dir))]
+    parts += ["", speech_md.TITLE, "", *speech_md.speech_section(Path(out_dir) / "speech_encoder.json", md_table)]
     text = "\n".join(parts) + "\n"
     from nexus.conversion.atomic_output import atomic_file
 
@@ -566,7 +568,7 @@ def main(argv=None):
     parser.add_argument("--png", type=Path, default=None, help="default: RESULTS_retention.png beside --md")
     parser.add_argument("--committed-sections", action="store_true",
                         help="rewrite only §5 (size sweep), §6 (claims), §7 (localisation), §8 (allocation "
-                             "proxy), §9 (add-teacher), §10 (same-family merge) and §11 (every optional stage on), the "
+                             "proxy), §9 (add-teacher), §10 (same-family merge), §11 (every optional stage on) and §12 (speech), the "
                              "sections whose JSON is committed, in --md (the other sections' JSON may not be on this machine)")
     args = parser.parse_args(argv)
     if args.committed_sections:
@@ -578,7 +580,9 @@ def main(argv=None):
         replace_section(args.md, add_teacher_md.TITLE, add_teacher_md.add_teacher_section(
             args.out_dir / "add_teacher.json", fmt_ci, md_table))
         replace_section(args.md, align_md.TITLE, align_lines(args.out_dir))
-        text = replace_section(args.md, acceptance_md.TITLE, acceptance_lines(args.out_dir))
+        replace_section(args.md, acceptance_md.TITLE, acceptance_lines(args.out_dir))
+        text = replace_section(args.md, speech_md.TITLE, speech_md.speech_section(
+            args.out_dir / "speech_encoder.json", md_table))
         print(text)
         return text
     png = args.png or args.md.with_name("RESULTS_retention.png")

@@ -37,6 +37,7 @@ from nexus.conversion.speech_distill import (  # noqa: E402
 from nexus.conversion.speech_prune import (  # noqa: E402
     allocate_units, audio_encoder_parameter_count, prune_audio_encoder, speech_unit_scores)
 from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids  # noqa: E402
+from nexus.hub.fresh_load import fresh_process_transcripts  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "nexus" / "conversion" / "data"
 OUT = ARTEFACTS / "speech"
@@ -198,6 +199,13 @@ def main():
     tokenizer.save_pretrained(ckpt)
     fe.save_pretrained(ckpt)
     total = sum(p.numel() for p in student.parameters())
+    t0 = time.time()  # the checkpoint stands alone: the same transcripts in a process that cannot import NEXUS
+    texts, module = fresh_process_transcripts(ckpt, eval_wavs[:3])
+    standalone = {"clips": len(texts), "same_text_as_in_process": texts == [r["student"] for r in rows[:3]],
+                  "module": module.rsplit(".", 1)[-1], "loader": "AutoModelForCausalLM(trust_remote_code=True) + "
+                  "WhisperFeatureExtractor + AutoTokenizer from the folder, model.transcribe(wav)"}
+    seconds["standalone_check"] = time.time() - t0
+    log(f"fresh process without NEXUS: {standalone}")
 
     result = {
         "teacher": "faster-whisper-base (CTranslate2 -> transformers WhisperForConditionalGeneration), bf16 autocast",
@@ -205,6 +213,7 @@ def main():
                   "text": "train: prose_train.txt then code_train.txt sentences; held-out: prose_heldout.txt "
                           "(disjoint)"},
         "unpruned_copy_check": copy,
+        "standalone_check": standalone,
         "whisper_word_accuracy": t_acc, "whisper_word_accuracy_ci95": t_ci, "whisper_wer": 1 - t_acc,
         "student_word_accuracy": s_acc, "student_word_accuracy_ci95": s_ci, "student_wer": 1 - s_acc,
         "retention": ret, "retention_ci95": [ret_lo, ret_hi],

@@ -108,3 +108,24 @@ def test_width_must_match_the_shared_hidden_size():
     with pytest.raises(ValueError, match=r"towers\[0\]: unknown field\(s\) \['rope_theta'\]"):
         NexusConfig(vocab_size=40, hidden_size=16, towers=[{"type": "whisper_decoder", "rope_theta": 1.0,
                                                             "layers": [layer]}])
+
+
+def test_speech_checkpoint_transcribes_in_a_process_without_nexus(pair, tmp_path):
+    from test_audio_input import sine, write_wav
+
+    from nexus.hub.fresh_load import fresh_process_transcripts
+
+    whisper, _, tok = pair
+    with torch.no_grad():  # as above: letters before EOS
+        whisper.model.decoder.embed_tokens.weight[tok.eos_token_id] = 0
+    student = speech_student_from_whisper(whisper, tok)
+    fe = WhisperFeatureExtractor(feature_size=80)
+    fe.n_samples, fe.nb_max_frames = 16 * 160, 16
+    folder = tmp_path / "ckpt"
+    for part in (student, tok, fe):
+        part.save_pretrained(folder)
+    wav = tmp_path / "clip.wav"
+    write_wav(wav, sine(300, 22050, seconds=0.1), 22050)  # espeak-ng's rate: resampled to 16 kHz
+    here = student.transcribe(str(wav), fe, tok, max_new_tokens=6)
+    texts, module = fresh_process_transcripts(folder, [wav], max_new_tokens=6)
+    assert here and texts == [here] and "transformers_modules" in module

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # nexus/hub/fresh_load.py -> the repository
 
-CHILD = textwrap.dedent(
+GUARD = textwrap.dedent(  # a child's first lines: no project module can be imported after them
     """
     import sys
     sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith({repo!r})]
@@ -29,6 +29,10 @@ CHILD = textwrap.dedent(
             pass
         else:
             raise SystemExit(f"project module {{name}} is importable in the child")
+    """
+)
+CHILD = GUARD + textwrap.dedent(
+    """
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
@@ -57,3 +61,38 @@ def fresh_process_logits(folder, ids, trust_remote_code=False, timeout=600):
             raise RuntimeError(f"{folder} does not load in a fresh process:\n{done.stderr[-3000:]}")
         module = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("NEXUS_CHILD_MODULE")][-1]
         return load_file(io)["logits"].to(torch.float32), module
+
+
+TRANSCRIBE_CHILD = GUARD + textwrap.dedent(
+    """
+    import json
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
+    model = AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True, dtype=torch.float32).eval()
+    fe = WhisperFeatureExtractor.from_pretrained({folder!r})
+    tok = AutoTokenizer.from_pretrained({folder!r}, trust_remote_code=True)
+    texts = [model.transcribe(path, fe, tok, max_new_tokens={max_new_tokens!r}) for path in {wavs!r}]
+    print("NEXUS_CHILD_TEXTS", json.dumps(texts))
+    print("NEXUS_CHILD_MODULE", type(model).__module__)
+    """
+)
+
+
+def fresh_process_transcripts(folder, wavs, max_new_tokens=64, timeout=900):
+    """``(transcripts, module_name)``: a speech checkpoint at ``folder`` (weights, feature extractor and tokenizer in
+    one folder) transcribing ``wavs`` with ``model.transcribe`` in a project-free child, remote code on."""
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="nexus-fresh-") as tmp:
+        script = TRANSCRIBE_CHILD.format(repo=str(REPO_ROOT), folder=str(Path(folder).resolve()),
+                                         wavs=[str(Path(w).resolve()) for w in wavs], max_new_tokens=max_new_tokens)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_MODULES_CACHE=str(Path(tmp) / "hf_modules"), HF_HUB_OFFLINE="1")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True,
+                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"{folder} does not transcribe in a fresh process:\n{done.stderr[-3000:]}")
+        lines = done.stdout.splitlines()
+        texts = json.loads([line for line in lines if line.startswith("NEXUS_CHILD_TEXTS")][-1].split(" ", 1)[1])
+        module = [line.split()[1] for line in lines if line.startswith("NEXUS_CHILD_MODULE")][-1]
+        return texts, module

@@ -1,0 +1,48 @@
+"""RESULTS.md §12 renders bench/results/speech_encoder.json: word accuracies, retention with its CI, the encoder's
+size against Whisper's, the copy check and the goal verdict."""
+
+import json
+
+from conftest import load_bench
+
+
+def record(retention=0.5, goal_met=False):
+    return {
+        "teacher": "faster-whisper-base", "clips": {"train": 800, "heldout": 50, "voice": "espeak-ng en-us",
+                                                    "text": "train: a; held-out: b"},
+        "unpruned_copy_check": {"clips": 2, "max_abs_feature_diff": 0.0, "max_abs_logit_diff": 1.5e-5},
+        "standalone_check": {"clips": 3, "same_text_as_in_process": True, "module": "modeling_nexus", "loader": "L"},
+        "whisper_word_accuracy": 0.8, "whisper_word_accuracy_ci95": [0.75, 0.85],
+        "student_word_accuracy": 0.8 * retention, "student_word_accuracy_ci95": [0.3, 0.5],
+        "retention": retention, "retention_ci95": [0.4, 0.6], "whisper_encoder_params": 20_590_592,
+        "student_encoder_params_with_projector": 5_147_173, "params_ratio_with_projector": 0.24998,
+        "student_total_params": 60_000_000, "student_encoder_widths_heads_ffn": [[1, 700], [2, 300]],
+        "tower": "whisper_decoder (frozen)", "pruning": "capability-weighted",
+        "heldout_hidden_relative_error": 0.123,
+        "hidden_state_distillation": {"steps": 600}, "distillation": {"steps": 300, "clips_per_step": 4,
+                                                                      "encoder_lr": 5e-4},
+        "seconds": {"teacher_pass": 700.4, "transcription_kd": 60.0}, "threads": 2,
+        "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters", "goal_met": goal_met,
+        "samples": [{"reference": "A cat sat.", "whisper": "A cat sat.", "student": ""}],
+    }
+
+
+def test_speech_section_renders_the_json(tmp_path):
+    results = load_bench("results")
+    (tmp_path / "results").mkdir()
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# NEXUS benchmarks\n\n## 1. Kept\n\nkept text\n")
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    assert "No `speech_encoder.json` yet: run `python bench/speech_encoder.py`." in md.read_text()
+    (tmp_path / "results" / "speech_encoder.json").write_text(json.dumps(record()))
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    text = md.read_text()
+    assert "## 1. Kept\n\nkept text\n" in text and text.count("## 12. Speech") == 1
+    assert "| Whisper-base | 0.800 [0.750, 0.850] | – | 20,590,592 | 1.000 |" in text
+    assert "| Nexus student | 0.400 [0.300, 0.500] | **0.500 [0.400, 0.600]** | 5,147,173 | 0.250 |" in text
+    assert "its logits by at most 1.5e-05 (fp32)" in text and "**missed**" in text
+    assert "cannot import NEXUS (L), it transcribed 3 held-out clips to the same text as" in text
+    assert "1/700, 2/300" in text and "teacher pass 700 s" in text and "| A cat sat. | A cat sat. | (empty) |" in text
+    (tmp_path / "results" / "speech_encoder.json").write_text(json.dumps(record(0.95, True)))
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    assert "**met**" in md.read_text() and md.read_text().count("## 12. Speech") == 1

@@ -18,6 +18,7 @@ Usage: python bench/speech_encoder.py [--train 400] [--eval 50] [--encoder-steps
 """
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -33,7 +34,8 @@ from paths import ARTEFACTS, RESULTS  # noqa: E402
 from nexus.conversion.bootstrap import bootstrap_ci, ratio, ratio_ci  # noqa: E402
 from nexus.conversion.ctranslate2_whisper import join_parts, whisper_from_ctranslate2  # noqa: E402
 from nexus.conversion.speech_distill import (  # noqa: E402
-    distil_speech, spoken_sentences, synthesize, teacher_pass, word_accuracy, word_errors)
+    distil_speech, load_examples, save_examples, spoken_sentences, synthesize, teacher_pass, word_accuracy,
+    word_errors)
 from nexus.conversion.speech_prune import (  # noqa: E402
     allocate_units, audio_encoder_parameter_count, prune_audio_encoder, speech_unit_scores)
 from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids  # noqa: E402
@@ -66,6 +68,19 @@ START = time.time()
 
 def log(msg):
     print(f"[{time.time() - START:7.1f}s] {msg}", flush=True)
+
+
+def cached_teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec, part):
+    """`teacher_pass`, stored under bench/out/speech/teacher/ keyed by the clips' text and the teacher's weights."""
+    key = hashlib.sha256(json.dumps([text, prompt, (whisper_ct2_folder() / "model.bin").stat().st_size])
+                         .encode()).hexdigest()[:16]
+    path = OUT / "teacher" / f"{part}-{key}.safetensors"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        log(f"teacher pass ({part}): reusing {path.name}")
+        return load_examples(path, wavs, fe, spec)
+    examples = teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec)
+    save_examples(examples, path)
+    return examples
 
 
 def training_sentences(count, exclude):
@@ -110,6 +125,7 @@ def main():
     ap.add_argument("--budget", type=float, default=0.25,
                     help="student encoder+projector params / Whisper encoder params")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--result", type=Path, default=RESULTS / "speech_encoder.json", help="where the JSON goes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -129,8 +145,8 @@ def main():
     student = speech_student_from_whisper(whisper, tokenizer)
     spec = student.config.encoders[0]
     whisper_enc_params = sum(p.numel() for p in whisper.model.encoder.parameters())
-    train = teacher_pass(whisper, tokenizer, fe, train_wavs, train_text, prompt, spec)
-    held = teacher_pass(whisper, tokenizer, fe, eval_wavs, eval_text, prompt, spec)
+    train, held = (cached_teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec, part)
+                   for wavs, text, part in ((train_wavs, train_text, "train"), (eval_wavs, eval_text, "heldout")))
     seconds["teacher_pass"] = time.time() - t0
     log(f"teacher pass done ({seconds['teacher_pass']:.0f} s)")
     copy = copy_check(student, whisper, fe, eval_wavs[:2], held[:2], spec)
@@ -192,7 +208,7 @@ def main():
     s_ci = bootstrap_ci(s_items, n=2000, stat=word_accuracy)
     t_ci = bootstrap_ci(t_items, n=2000, stat=word_accuracy)
 
-    ckpt = OUT / "student"
+    ckpt = OUT / ("student" if args.result.name == "speech_encoder.json" else args.result.stem)
     if ckpt.exists():
         shutil.rmtree(ckpt)
     student.save_pretrained(ckpt)
@@ -239,13 +255,15 @@ def main():
         "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters",
         "goal_met": bool(ret >= 0.90 and student_enc_params <= 0.25 * whisper_enc_params),
         "samples": rows[:8],
+        # every held-out clip, in order: [student errors, Whisper errors, reference words] (paired comparisons)
+        "items": [[r["student_errors"][0], r["whisper_errors"][0], r["whisper_errors"][1]] for r in rows],
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speech_encoder.json").write_text(json.dumps(result, indent=2))
+    args.result.parent.mkdir(parents=True, exist_ok=True)
+    args.result.write_text(json.dumps(result, indent=2))
     log(f"Whisper word accuracy {t_acc:.3f} {t_ci}, student {s_acc:.3f} {s_ci}")
     log(f"retention {ret:.3f} (95% CI {ret_lo:.3f}..{ret_hi:.3f}) at {student_enc_params / whisper_enc_params:.3f} "
         "of Whisper's encoder parameters (projector included)")
-    log(f"wrote {RESULTS / 'speech_encoder.json'}")
+    log(f"wrote {args.result}")
 
 
 if __name__ == "__main__":

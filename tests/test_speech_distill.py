@@ -78,3 +78,31 @@ def test_spoken_sentences_are_plain_and_disjoint():
     assert "Hello there my good friend." in first and not any("_" in s or "42" in s for s in first)
     second = spoken_sentences(text, 10, min_words=3, exclude=first)
     assert not set(first) & set(second)
+
+
+def test_teacher_pass_examples_round_trip(tmp_path):
+    from test_audio_input import sine, write_wav
+    from transformers import WhisperFeatureExtractor
+
+    from nexus.conversion.speech_distill import load_examples, save_examples
+
+    spec = {"sampling_rate": 16000, "downsample": 1, "max_source_positions": 8, "fixed_window": True}
+    fe = WhisperFeatureExtractor(feature_size=80)
+    wavs = []
+    for i in range(2):
+        wavs.append(tmp_path / f"{i}.wav")
+        write_wav(wavs[-1], sine(200 + 100 * i, 16000, seconds=0.05), 16000)
+    examples = [SpeechExample(features=torch.zeros(1), teacher_states=torch.randn(8, 16).half(),
+                              input_ids=torch.tensor([1, 2, 3 + i]), topk_values=torch.randn(2, 4).half(),
+                              topk_indices=torch.randint(0, 9, (2, 4)), transcript=f"t{i}", reference=f"r{i}")
+                for i in range(2)]
+    save_examples(examples, tmp_path / "cache" / "train.safetensors")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train.json", "train.safetensors"]
+    back = load_examples(tmp_path / "cache" / "train.safetensors", wavs, fe, spec)
+    for a, b in zip(examples, back):
+        for name in ("teacher_states", "input_ids", "topk_values", "topk_indices"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+        assert (a.transcript, a.reference) == (b.transcript, b.reference)
+        assert b.features.shape == (1, 80, 16)  # recomputed from the WAV: the full (tiny) window
+    with pytest.raises(ValueError, match="2 cached examples for 1 clips"):
+        load_examples(tmp_path / "cache" / "train.safetensors", wavs[:1], fe, spec)

@@ -148,6 +148,41 @@ def teacher_pass(whisper, tokenizer, feature_extractor, wavs, references, prompt
     return examples
 
 
+def save_examples(examples, path):
+    """Write teacher-pass ``examples`` to ``path`` (safetensors: tensors; a JSON sidecar: texts), atomically, so a
+    rerun skips the teacher; the features are not stored (`load_examples` recomputes them from the WAVs)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .atomic_output import atomic_file
+
+    tensors = {}
+    for i, ex in enumerate(examples):
+        for name in ("teacher_states", "input_ids", "topk_values", "topk_indices"):
+            tensors[f"{i}.{name}"] = getattr(ex, name).contiguous()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_file(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps([{"transcript": ex.transcript, "reference": ex.reference} for ex in examples]))
+
+
+def load_examples(path, wavs, feature_extractor, spec):
+    """`save_examples`' file back as SpeechExamples, features recomputed from ``wavs`` (same order)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tensors, texts = load_file(str(path)), json.loads(Path(path).with_suffix(".json").read_text())
+    if len(texts) != len(wavs):
+        raise ValueError(f"{path}: {len(texts)} cached examples for {len(wavs)} clips")
+    return [SpeechExample(features=audio_features([load_wav(w, spec["sampling_rate"])], feature_extractor, spec),
+                          **{n: tensors[f"{i}.{n}"] for n in ("teacher_states", "input_ids", "topk_values",
+                                                               "topk_indices")}, **text)
+            for i, (w, text) in enumerate(zip(wavs, texts))]
+
+
 # ------------------------------------------------------------------------------------------------------- losses
 
 

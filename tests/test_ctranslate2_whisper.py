@@ -21,6 +21,18 @@ SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|tra
             "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
 
 
+def tiny_whisper_tokenizer():
+    """Whisper's special tokens, then one token per letter and space (``tiny_whisper(len(tokenizer))``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = SPECIALS + list("abcdefghijklmnopqrstuvwxyz ")
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
 def tiny_whisper(vocab_size):
     torch.manual_seed(0)
     config = WhisperConfig(vocab_size=vocab_size, d_model=16, encoder_layers=2, decoder_layers=2,

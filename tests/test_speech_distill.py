@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_ctranslate2_whisper import SPECIALS, tiny_whisper
+from test_ctranslate2_whisper import tiny_whisper, tiny_whisper_tokenizer
 
 from nexus.conversion.speech_distill import (
     SpeechExample, distil_speech, spoken_sentences, word_accuracy, word_errors)
@@ -12,15 +12,8 @@ from nexus.conversion.speech_student import speech_student_from_whisper, whisper
 
 @pytest.fixture()
 def whisper_and_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = SPECIALS + list("abcdefghijklmnopqrstuvwxyz ")
-    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    return tiny_whisper(len(chars)).float(), tokenizer
+    tokenizer = tiny_whisper_tokenizer()
+    return tiny_whisper(len(tokenizer)).float(), tokenizer
 
 
 def test_build_prune_distil(whisper_and_tokenizer):

@@ -3,7 +3,7 @@ transcription, a checkpoint that loads without NEXUS code, and clear errors for 
 
 import pytest
 import torch
-from test_ctranslate2_whisper import SPECIALS, tiny_whisper
+from test_ctranslate2_whisper import tiny_whisper, tiny_whisper_tokenizer
 from transformers import AutoModelForCausalLM, WhisperFeatureExtractor
 
 from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids
@@ -12,15 +12,8 @@ from nexus.modeling_nexus import NexusConfig, registered
 
 @pytest.fixture()
 def pair():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = SPECIALS + list("abcdefghijklmnopqrstuvwxyz ")
-    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    whisper = tiny_whisper(len(chars)).float()
+    tokenizer = tiny_whisper_tokenizer()
+    whisper = tiny_whisper(len(tokenizer)).float()
     return whisper, speech_student_from_whisper(whisper, tokenizer), tokenizer
 
 
@@ -73,7 +66,7 @@ def test_checkpoint_round_trip(pair, tmp_path):
     _, student, _ = pair
     student.save_pretrained(tmp_path / "ckpt")
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
-    assert "whisper_decoder_tower.py" in names and "model.safetensors" in names
+    assert {"whisper_decoder_tower.py", "whisper_attention.py", "model.safetensors"} <= names
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).eval()
     ids, feats = torch.tensor([[1, 2, 5, 9, 12]]), torch.randn(1, 80, 16)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Audio encoder: log-mel features -> a Whisper-style encoder -> a projector into the shared hidden size.
 
-Reads top to bottom: attention -> layer -> encoder -> projector. The encoder's output is a *prefix*: `NexusModel`
-places it before the text embeddings, so the towers read speech as they read text.
+Reads top to bottom: layer -> encoder -> projector (the attention is `whisper_attention.py`). The encoder's output
+is a *prefix*: `NexusModel` places it before the text embeddings, so the towers read speech as they read text.
 
 An encoder entry in ``NexusConfig.encoders`` is plain JSON with a registered ``type``::
 
@@ -29,6 +29,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .registry import register
+from .whisper_attention import NexusWhisperAttention
 
 AUDIO_ENCODER_DEFAULTS = {
     "name": "speech",
@@ -68,42 +69,24 @@ def normalise_audio_encoder(spec, where):
         raise ValueError(f"{where}.projector must be one of {PROJECTOR_KINDS}, got {out['projector']!r}")
     if out["activation"] not in ACT2FN:
         raise ValueError(f"{where}.activation {out['activation']!r} is not a transformers activation")
-    layers = out.get("layers")
+    check_layer_widths(out.get("layers"), AUDIO_LAYER_REQUIRED, where)
+    return out
+
+
+def check_layer_widths(layers, required, where):
+    """A list of layer dicts with exactly the integer fields ``required`` (each >= 0; ``head_dim`` >= 1 when any
+    ``*heads`` field is set); errors name the layer (``encoders[0].layers[2].head_dim``)."""
     if not isinstance(layers, list):
         raise ValueError(f"{where}.layers must be a list of layer dicts")
     for i, layer in enumerate(layers):
         lw = f"{where}.layers[{i}]"
-        if not isinstance(layer, dict) or set(layer) != set(AUDIO_LAYER_REQUIRED):
-            raise ValueError(f"{lw} must be a dict with exactly {list(AUDIO_LAYER_REQUIRED)}, got {layer!r}")
-        for key in AUDIO_LAYER_REQUIRED:
+        if not isinstance(layer, dict) or set(layer) != set(required):
+            raise ValueError(f"{lw} must be a dict with exactly {list(required)}, got {layer!r}")
+        for key in required:
             if isinstance(layer[key], bool) or not isinstance(layer[key], int) or layer[key] < 0:
                 raise ValueError(f"{lw}.{key} must be an integer >= 0, got {layer[key]!r}")
-        if layer["num_attention_heads"] and not layer["head_dim"]:
+        if any(layer[k] for k in required if k.endswith("heads")) and not layer["head_dim"]:
             raise ValueError(f"{lw}.head_dim must be >= 1 when the layer has heads")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------- attention
-
-
-class NexusAudioAttention(nn.Module):
-    """Bidirectional multi-head attention, Whisper's layout: q/v/out biases, no k bias; SDPA."""
-
-    def __init__(self, d_model, num_heads, head_dim):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=True)
-        self.k_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=True)
-        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=True)
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # (B, nh, T, hd)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 # ----------------------------------------------------------------------------------------------------------- layer
@@ -119,7 +102,7 @@ class NexusAudioEncoderLayer(nn.Module):
         self.fc1 = self.fc2 = self.final_layer_norm = None
         if layer["num_attention_heads"] > 0:
             self.self_attn_layer_norm = nn.LayerNorm(d, eps=eps)
-            self.self_attn = NexusAudioAttention(d, layer["num_attention_heads"], layer["head_dim"])
+            self.self_attn = NexusWhisperAttention(d, layer["num_attention_heads"], layer["head_dim"])
         if layer["intermediate_size"] > 0:
             self.final_layer_norm = nn.LayerNorm(d, eps=eps)
             self.fc1 = nn.Linear(d, layer["intermediate_size"])

@@ -1,6 +1,7 @@
 """Cross-attention tower (``whisper_decoder``): Whisper's decoder as a Nexus tower, weight for weight.
 
-Reads top to bottom: spec -> attention -> layer -> tower. A tower entry in ``NexusConfig.towers``::
+Reads top to bottom: spec -> layer -> tower (the attention is `whisper_attention.py`, shared with the encoder).
+A tower entry in ``NexusConfig.towers``::
 
     {"type": "whisper_decoder", "name": "speech", "capabilities": ["speech"], "hidden_size": 512,
      "max_target_positions": 448, "activation": "gelu", "layer_norm_eps": 1e-5,
@@ -25,11 +26,12 @@ This file imports only torch, transformers and its own package: it is copied int
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .audio_encoder import check_layer_widths
 from .registry import register
+from .whisper_attention import NexusWhisperAttention
 
 WHISPER_DECODER_DEFAULTS = {
     "name": None,
@@ -61,43 +63,8 @@ def normalise_whisper_decoder_tower(spec, where, shared_hidden_size):
                          f"({shared_hidden_size}): the tower reads the shared embedding and writes the shared head")
     if out["activation"] not in ACT2FN:
         raise ValueError(f"{where}.activation {out['activation']!r} is not a transformers activation")
-    layers = out.get("layers")
-    if not isinstance(layers, list):
-        raise ValueError(f"{where}.layers must be a list of layer dicts")
-    for i, layer in enumerate(layers):
-        lw = f"{where}.layers[{i}]"
-        if not isinstance(layer, dict) or set(layer) != set(WHISPER_DECODER_LAYER_REQUIRED):
-            raise ValueError(f"{lw} must be a dict with exactly {list(WHISPER_DECODER_LAYER_REQUIRED)}, got {layer!r}")
-        for key in WHISPER_DECODER_LAYER_REQUIRED:
-            if isinstance(layer[key], bool) or not isinstance(layer[key], int) or layer[key] < 0:
-                raise ValueError(f"{lw}.{key} must be an integer >= 0, got {layer[key]!r}")
-        if (layer["num_attention_heads"] or layer["cross_attention_heads"]) and not layer["head_dim"]:
-            raise ValueError(f"{lw}.head_dim must be >= 1 when the layer has heads")
+    check_layer_widths(out.get("layers"), WHISPER_DECODER_LAYER_REQUIRED, where)
     return out
-
-
-# ------------------------------------------------------------------------------------------------------- attention
-
-
-class NexusWhisperAttention(nn.Module):
-    """Whisper's attention layout (q/v/out biases, no k bias); SDPA with scale ``head_dim ** -0.5``."""
-
-    def __init__(self, d_model, num_heads, head_dim):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=True)
-        self.k_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=True)
-        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=True)
-
-    def heads(self, proj, x):
-        B, T, _ = x.shape
-        return proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-
-    def attend(self, q, k, v, mask=None, causal=False):
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5)
-        B, _, T, _ = y.shape
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 # ----------------------------------------------------------------------------------------------------------- layer

@@ -20,6 +20,7 @@ Usage: python bench/speech_encoder.py [--train 400] [--eval 50] [--encoder-steps
 import argparse
 import hashlib
 import json
+import resource
 import shutil
 import sys
 import time
@@ -78,6 +79,8 @@ def cached_teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec, part):
     if path.is_file() and path.with_suffix(".json").is_file():
         log(f"teacher pass ({part}): reusing {path.name}")
         return load_examples(path, wavs, fe, spec)
+    if whisper is None:
+        sys.exit(f"no cached teacher pass at {path}: run the bench once without --evaluate-only")
     examples = teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec)
     save_examples(examples, path)
     return examples
@@ -111,6 +114,82 @@ def copy_check(student, whisper, fe, wavs, examples, spec):
     return {"clips": len(wavs), "max_abs_feature_diff": feat_diff, "max_abs_logit_diff": logit_diff}
 
 
+def evaluate(student, fe, tokenizer, eval_wavs, held):
+    """Transcribe every held-out clip with the student; word accuracies, retention (paired bootstrap CI), the
+    encoder's held-out hidden-state error, and the per-clip items. Returns {"rows": [...], "fields": {...}}."""
+    rows, rel = [], []
+    for wav, ex in zip(eval_wavs, held):
+        hyp = student.transcribe(str(wav), fe, tokenizer, max_new_tokens=64)
+        rows.append({"reference": ex.reference, "whisper": ex.transcript, "student": hyp,
+                     "whisper_errors": word_errors(ex.reference, ex.transcript),
+                     "student_errors": word_errors(ex.reference, hyp)})
+        with torch.no_grad():
+            _, states = student.model.encoders[0](ex.features)
+        t = ex.teacher_states.float()
+        rel.append(float((states[0].float() - t).pow(2).sum() / t.pow(2).sum()))
+    s_items = np.array([r["student_errors"] for r in rows], dtype=float)
+    t_items = np.array([r["whisper_errors"] for r in rows], dtype=float)
+    s_acc, t_acc = word_accuracy(s_items), word_accuracy(t_items)
+    fields = {
+        "whisper_word_accuracy": t_acc, "whisper_word_accuracy_ci95": bootstrap_ci(t_items, n=2000, stat=word_accuracy),
+        "whisper_wer": 1 - t_acc,
+        "student_word_accuracy": s_acc, "student_word_accuracy_ci95": bootstrap_ci(s_items, n=2000, stat=word_accuracy),
+        "student_wer": 1 - s_acc,
+        "retention": ratio(s_items, t_items, stat=word_accuracy),
+        "retention_ci95": list(ratio_ci(s_items, t_items, stat=word_accuracy, n=2000)),
+        "heldout_hidden_relative_error": float(np.mean(rel)),
+        "samples": rows[:8],
+        # every held-out clip, in order: [student errors, Whisper errors, reference words] (paired comparisons)
+        "items": [[r["student_errors"][0], r["whisper_errors"][0], r["whisper_errors"][1]] for r in rows],
+    }
+    return {"rows": rows, "fields": fields}
+
+
+def standalone_check(ckpt, eval_wavs, rows):
+    """The checkpoint stands alone: the same transcripts in a process that cannot import NEXUS."""
+    texts, module = fresh_process_transcripts(ckpt, eval_wavs[:3])
+    return {"clips": len(texts), "same_text_as_in_process": texts == [r["student"] for r in rows[:3]],
+            "module": module.rsplit(".", 1)[-1], "loader": "AutoModelForCausalLM(trust_remote_code=True) + "
+            "WhisperFeatureExtractor + AutoTokenizer from the folder, model.transcribe(wav)"}
+
+
+def report(result):
+    log(f"Whisper word accuracy {result['whisper_word_accuracy']:.3f}, student {result['student_word_accuracy']:.3f}")
+    lo, hi = result["retention_ci95"]
+    log(f"retention {result['retention']:.3f} (95% CI {lo:.3f}..{hi:.3f}) at "
+        f"{result['params_ratio_with_projector']:.3f} of Whisper's encoder parameters (projector included)")
+
+
+def reevaluate(args, eval_wavs, eval_text):
+    """``--evaluate-only``: score the saved student of ``--result`` again (cached teacher pass, no training) and
+    update that JSON's evaluation fields; the training record stays as it was."""
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+    from nexus.modeling_nexus import NexusForCausalLM
+
+    ckpt = checkpoint_folder(args.result)
+    result = json.loads(args.result.read_text())
+    student = NexusForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    fe = WhisperFeatureExtractor.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)  # (its config.json names remote code)
+    prompt, spec = whisper_prompt_ids(tokenizer), student.config.encoders[0]
+    held = cached_teacher_pass(None, tokenizer, fe, eval_wavs, eval_text, prompt, spec, "heldout")
+    t0 = time.time()
+    scores = evaluate(student, fe, tokenizer, eval_wavs, held)
+    result.update(scores["fields"])
+    result["standalone_check"] = standalone_check(ckpt, eval_wavs, scores["rows"])
+    result["seconds"]["evaluation"] = time.time() - t0
+    result["goal_met"] = bool(result["retention"] >= 0.90 and result["params_ratio_with_projector"] <= 0.25)
+    result["reevaluated"] = "evaluation fields recomputed from the saved student by --evaluate-only"
+    args.result.write_text(json.dumps(result, indent=2))
+    report(result)
+    log(f"updated {args.result}")
+
+
+def checkpoint_folder(result_path):
+    return OUT / ("student" if result_path.name == "speech_encoder.json" else result_path.stem)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", type=int, default=400)
@@ -126,6 +205,8 @@ def main():
                     help="student encoder+projector params / Whisper encoder params")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--result", type=Path, default=RESULTS / "speech_encoder.json", help="where the JSON goes")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="no training: score the saved student of --result again and update its JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -138,6 +219,8 @@ def main():
     train_wavs = synthesize(train_text, OUT / "clips" / "train")
     eval_wavs = synthesize(eval_text, OUT / "clips" / "heldout")
     log(f"{len(train_wavs)} training clips, {len(eval_wavs)} held-out clips (espeak-ng)")
+    if args.evaluate_only:
+        return reevaluate(args, eval_wavs, eval_text)
 
     t0 = time.time()
     whisper, tokenizer, fe = whisper_from_ctranslate2(whisper_ct2_folder(), dtype=torch.float32)
@@ -188,38 +271,20 @@ def main():
     log("transcription KD done")
 
     t0 = time.time()
-    rows, rel = [], []
-    for wav, ex in zip(eval_wavs, held):
-        hyp = student.transcribe(str(wav), fe, tokenizer, max_new_tokens=64)
-        rows.append({"reference": ex.reference, "whisper": ex.transcript, "student": hyp,
-                     "whisper_errors": word_errors(ex.reference, ex.transcript),
-                     "student_errors": word_errors(ex.reference, hyp)})
-        with torch.no_grad():
-            _, states = student.model.encoders[0](ex.features)
-        t = ex.teacher_states.float()
-        rel.append(float((states[0].float() - t).pow(2).sum() / t.pow(2).sum()))
+    scores = evaluate(student, fe, tokenizer, eval_wavs, held)
     seconds["evaluation"] = time.time() - t0
     log("evaluation done")
-    s_items = np.array([r["student_errors"] for r in rows], dtype=float)
-    t_items = np.array([r["whisper_errors"] for r in rows], dtype=float)
-    s_acc, t_acc = word_accuracy(s_items), word_accuracy(t_items)
-    ret = ratio(s_items, t_items, stat=word_accuracy)
-    ret_lo, ret_hi = ratio_ci(s_items, t_items, stat=word_accuracy, n=2000)
-    s_ci = bootstrap_ci(s_items, n=2000, stat=word_accuracy)
-    t_ci = bootstrap_ci(t_items, n=2000, stat=word_accuracy)
+    rows = scores["rows"]
 
-    ckpt = OUT / ("student" if args.result.name == "speech_encoder.json" else args.result.stem)
+    ckpt = checkpoint_folder(args.result)
     if ckpt.exists():
         shutil.rmtree(ckpt)
     student.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
     fe.save_pretrained(ckpt)
     total = sum(p.numel() for p in student.parameters())
-    t0 = time.time()  # the checkpoint stands alone: the same transcripts in a process that cannot import NEXUS
-    texts, module = fresh_process_transcripts(ckpt, eval_wavs[:3])
-    standalone = {"clips": len(texts), "same_text_as_in_process": texts == [r["student"] for r in rows[:3]],
-                  "module": module.rsplit(".", 1)[-1], "loader": "AutoModelForCausalLM(trust_remote_code=True) + "
-                  "WhisperFeatureExtractor + AutoTokenizer from the folder, model.transcribe(wav)"}
+    t0 = time.time()
+    standalone = standalone_check(ckpt, eval_wavs, rows)
     seconds["standalone_check"] = time.time() - t0
     log(f"fresh process without NEXUS: {standalone}")
 
@@ -230,9 +295,7 @@ def main():
                           "(disjoint)"},
         "unpruned_copy_check": copy,
         "standalone_check": standalone,
-        "whisper_word_accuracy": t_acc, "whisper_word_accuracy_ci95": t_ci, "whisper_wer": 1 - t_acc,
-        "student_word_accuracy": s_acc, "student_word_accuracy_ci95": s_ci, "student_wer": 1 - s_acc,
-        "retention": ret, "retention_ci95": [ret_lo, ret_hi],
+        **scores["fields"],
         "whisper_encoder_params": whisper_enc_params,
         "student_encoder_params_with_projector": student_enc_params,
         "student_projector_params": student_proj_params,
@@ -244,7 +307,6 @@ def main():
                  + ("trained" if args.train_tower else "frozen") + ")",
         "pruning": "capability-weighted (CapabilityScorer: Taylor + activation on Whisper's transcription loss of "
                    f"{len(calib)} spoken calibration clips), dynamic allocation of heads and FFN neurons",
-        "heldout_hidden_relative_error": float(np.mean(rel)),
         "hidden_state_distillation": {"steps": args.encoder_steps, "clips_per_step": args.accumulate,
                                       "encoder_lr": args.encoder_lr, "first": encoder_log[:1],
                                       "last": encoder_log[-3:]},
@@ -252,17 +314,13 @@ def main():
                          "encoder_lr": args.encoder_lr, "train_tower": args.train_tower,
                          "first": train_log[:1], "last": train_log[-3:]},
         "seconds": seconds, "threads": args.threads,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process: no stage resets
         "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters",
-        "goal_met": bool(ret >= 0.90 and student_enc_params <= 0.25 * whisper_enc_params),
-        "samples": rows[:8],
-        # every held-out clip, in order: [student errors, Whisper errors, reference words] (paired comparisons)
-        "items": [[r["student_errors"][0], r["whisper_errors"][0], r["whisper_errors"][1]] for r in rows],
+        "goal_met": bool(scores["fields"]["retention"] >= 0.90 and student_enc_params <= 0.25 * whisper_enc_params),
     }
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2))
-    log(f"Whisper word accuracy {t_acc:.3f} {t_ci}, student {s_acc:.3f} {s_ci}")
-    log(f"retention {ret:.3f} (95% CI {ret_lo:.3f}..{ret_hi:.3f}) at {student_enc_params / whisper_enc_params:.3f} "
-        "of Whisper's encoder parameters (projector included)")
+    report(result)
     log(f"wrote {args.result}")
 
 

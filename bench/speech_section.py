@@ -52,7 +52,9 @@ def speech_section(path, md_table) -> list:
                   f"{d['heldout_hidden_relative_error']:.3f}." if "heldout_hidden_relative_error" in d else ""))]
     if "seconds" in d:
         parts = ", ".join(f"{k.replace('_', ' ')} {v:,.0f} s" for k, v in d["seconds"].items())
-        lines.append(f"- Time ({d.get('threads', '?')} threads): {parts}.")
+        lines.append(f"- Time ({d.get('threads', '?')} threads): {parts}."
+                     + (f" Peak RSS {d['peak_rss_mb']:,.0f} MB (Whisper freed before training)."
+                        if "peak_rss_mb" in d else ""))
     samples = d.get("samples") or []
     if samples:
         lines += ["", md_table(["reference", "Whisper", "student"],

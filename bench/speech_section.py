@@ -6,6 +6,8 @@ that the unpruned copy is Whisper, and where the time went."""
 import json
 from pathlib import Path
 
+import numpy as np
+
 TITLE = "## 12. Speech: a distilled Whisper encoder inside the student (issue 21)"
 
 
@@ -55,8 +57,45 @@ def speech_section(path, md_table) -> list:
         lines.append(f"- Time ({d.get('threads', '?')} threads): {parts}."
                      + (f" Peak RSS {d['peak_rss_mb']:,.0f} MB (Whisper freed before training)."
                         if "peak_rss_mb" in d else ""))
+    arms = sorted(path.parent.glob(path.stem + "_*.json"))
+    if arms:
+        lines += ["", *arm_lines(d, arms, md_table)]
     samples = d.get("samples") or []
     if samples:
         lines += ["", md_table(["reference", "Whisper", "student"],
                                [[s["reference"], s["whisper"], s["student"] or "(empty)"] for s in samples[:4]])]
     return lines
+
+
+def _accuracy(errors, words):
+    return np.maximum(0.0, 1.0 - errors.sum(-1) / np.maximum(1.0, words.sum(-1)))
+
+
+def paired_retention_delta(arm, main, n=2000, seed=0):
+    """Arm minus main retention on the same held-out clips, with a paired bootstrap 95% CI over clips; None when
+    the two runs did not score the same clips with the same Whisper transcripts."""
+    a, m = np.asarray(arm.get("items") or [], float), np.asarray(main.get("items") or [], float)
+    if a.shape != m.shape or not len(a) or not np.array_equal(a[:, 1:], m[:, 1:]):
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n, len(a)))  # (n, clips)
+    words, teacher = a[idx, 2], _accuracy(a[idx, 1], a[idx, 2])
+    delta = (_accuracy(a[idx, 0], words) - _accuracy(m[idx, 0], words)) / np.maximum(teacher, 1e-9)
+    return {"value": arm["retention"] - main["retention"], "ci": [float(np.percentile(delta, 2.5)),
+                                                                    float(np.percentile(delta, 97.5))]}
+
+
+def arm_lines(main, arm_paths, md_table) -> list:
+    """One row per other arm (``speech_encoder_<arm>.json``): what it changed, its retention and the paired Δ."""
+    rows = []
+    for p in arm_paths:
+        arm = json.loads(p.read_text())
+        delta = paired_retention_delta(arm, main)
+        changed = [f"{k} {arm['distillation'][k]}" for k in ("train_tower", "lr", "steps", "encoder_lr")
+                   if arm["distillation"].get(k) != main["distillation"].get(k)]
+        changed += [f"hidden-state steps {arm['hidden_state_distillation']['steps']}"] if (
+            arm["hidden_state_distillation"]["steps"] != main["hidden_state_distillation"]["steps"]) else []
+        rows.append([f"`{p.name}`", ", ".join(changed) or "–", _ci(arm["retention"], arm["retention_ci95"]),
+                     "not paired (other clips)" if delta is None else
+                     f"{delta['value']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}]"])
+    return ["Other arms on the same clips and teacher pass (Δ = arm − the run above, paired bootstrap over clips):",
+            "", md_table(["arm", "changed", "retention", "Δ retention"], rows)]

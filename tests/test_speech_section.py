@@ -46,3 +46,20 @@ def test_speech_section_renders_the_json(tmp_path):
     (tmp_path / "results" / "speech_encoder.json").write_text(json.dumps(record(0.95, True)))
     results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
     assert "**met**" in md.read_text() and md.read_text().count("## 12. Speech") == 1
+
+
+def test_other_arms_get_a_paired_delta(tmp_path):
+    results = load_bench("results")
+    (tmp_path / "results").mkdir()
+    main = dict(record(retention=17 / 19), items=[[1, 0, 10], [2, 1, 10]])
+    arm = dict(record(retention=1.0), items=[[0, 0, 10], [1, 1, 10]])
+    arm["distillation"] = dict(arm["distillation"], train_tower=True)
+    other = dict(record(retention=0.5), items=[[0, 1, 10]])  # other clips: never paired
+    for name, rec in (("speech_encoder", main), ("speech_encoder_train_tower", arm), ("speech_encoder_x", other)):
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps(rec))
+    md = tmp_path / "RESULTS.md"
+    results.main(["--committed-sections", "--results-dir", str(tmp_path / "results"), "--md", str(md)])
+    text = md.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `speech_encoder_train_tower.json`"))
+    assert "train_tower True" in row and "| +0.105 [" in row
+    assert "| `speech_encoder_x.json` | – | 0.500 [0.400, 0.600] | not paired (other clips) |" in text

@@ -47,7 +47,7 @@ def speech_section(path, md_table) -> list:
                f"{d['student_total_params']:,} params." if "student_total_params" in d else
                f"Goal: {d['goal']}: **{goal}**."), ""]
     widths = ", ".join(f"{h}/{f}" for h, f in d["student_encoder_widths_heads_ffn"])
-    lines += [f"- Pruning: {d['pruning']}. Heads / FFN neurons kept per layer (of 8 / 2048): {widths}.",
+    lines += [f"- Pruning: {d['pruning']}. Heads / FFN neurons kept per layer: {widths}.",
               (f"- Distillation: {hs['steps']} hidden-state steps, then {kd['steps']} steps of hidden-state + "
                f"transcription KD, {kd['clips_per_step']} clips per step (encoder lr {kd['encoder_lr']})."
                + (f" Held-out relative hidden-state error after training: "

@@ -125,8 +125,8 @@ def evaluate(student, fe, tokenizer, eval_wavs, held):
                      "student_errors": word_errors(ex.reference, hyp)})
         with torch.no_grad():
             _, states = student.model.encoders[0](ex.features)
-        t = ex.teacher_states.float()
-        rel.append(float((states[0].float() - t).pow(2).sum() / t.pow(2).sum()))
+        t, n = ex.teacher_states.float(), ex.speech_positions
+        rel.append([float((states[0, :m].float() - t[:m]).pow(2).sum() / t[:m].pow(2).sum()) for m in (None, n)])
     s_items = np.array([r["student_errors"] for r in rows], dtype=float)
     t_items = np.array([r["whisper_errors"] for r in rows], dtype=float)
     s_acc, t_acc = word_accuracy(s_items), word_accuracy(t_items)
@@ -137,7 +137,8 @@ def evaluate(student, fe, tokenizer, eval_wavs, held):
         "student_wer": 1 - s_acc,
         "retention": ratio(s_items, t_items, stat=word_accuracy),
         "retention_ci95": list(ratio_ci(s_items, t_items, stat=word_accuracy, n=2000)),
-        "heldout_hidden_relative_error": float(np.mean(rel)),
+        "heldout_hidden_relative_error": float(np.mean([r[0] for r in rel])),
+        "heldout_hidden_relative_error_speech_positions": float(np.mean([r[1] for r in rel])),
         "samples": rows[:8],
         # every held-out clip, in order: [student errors, Whisper errors, reference words] (paired comparisons)
         "items": [[r["student_errors"][0], r["whisper_errors"][0], r["whisper_errors"][1]] for r in rows],
@@ -201,6 +202,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4, help="the tower's learning rate (with --train-tower)")
     ap.add_argument("--encoder-lr", type=float, default=5e-4)
     ap.add_argument("--train-tower", action="store_true", help="also train the tower (default: frozen, Whisper's)")
+    ap.add_argument("--speech-weight", type=float, default=None,
+                    help="hidden-state loss: weight of the clip's own positions vs the window's padding, each "
+                         "relative to its own norm (default: one relative error over the whole window)")
     ap.add_argument("--budget", type=float, default=0.25,
                     help="student encoder+projector params / Whisper encoder params")
     ap.add_argument("--threads", type=int, default=2)
@@ -260,13 +264,14 @@ def main():
 
     t0 = time.time()
     encoder_log = distil_speech(student, train, steps=args.encoder_steps, encoder_lr=args.encoder_lr,
-                                weights=(1.0, 0.0, 0.0), accumulate=args.accumulate, progress=log, log_every=25)
+                                weights=(1.0, 0.0, 0.0), accumulate=args.accumulate, progress=log, log_every=25,
+                                speech_weight=args.speech_weight)
     seconds["hidden_state_distillation"] = time.time() - t0
     log("hidden-state distillation done")
     t0 = time.time()
     train_log = distil_speech(student, train, steps=args.steps, lr=args.lr, encoder_lr=args.encoder_lr,
                               accumulate=args.accumulate, train_tower=args.train_tower, progress=log,
-                              log_every=10) if args.steps else []
+                              log_every=10, speech_weight=args.speech_weight) if args.steps else []
     seconds["transcription_kd"] = time.time() - t0
     log("transcription KD done")
 
@@ -308,6 +313,7 @@ def main():
         "pruning": "capability-weighted (CapabilityScorer: Taylor + activation on Whisper's transcription loss of "
                    f"{len(calib)} spoken calibration clips), dynamic allocation of heads and FFN neurons",
         "hidden_state_distillation": {"steps": args.encoder_steps, "clips_per_step": args.accumulate,
+                                      "speech_weight": args.speech_weight,
                                       "encoder_lr": args.encoder_lr, "first": encoder_log[:1],
                                       "last": encoder_log[-3:]},
         "distillation": {"steps": args.steps, "clips_per_step": args.accumulate, "lr": args.lr,

@@ -51,7 +51,10 @@ def speech_section(path, md_table) -> list:
               (f"- Distillation: {hs['steps']} hidden-state steps, then {kd['steps']} steps of hidden-state + "
                f"transcription KD, {kd['clips_per_step']} clips per step (encoder lr {kd['encoder_lr']})."
                + (f" Held-out relative hidden-state error after training: "
-                  f"{d['heldout_hidden_relative_error']:.3f}." if "heldout_hidden_relative_error" in d else ""))]
+                  f"{d['heldout_hidden_relative_error']:.3f}" if "heldout_hidden_relative_error" in d else "")
+               + (f" (the clips' own positions: {d['heldout_hidden_relative_error_speech_positions']:.3f})"
+                  if "heldout_hidden_relative_error_speech_positions" in d else "")
+               + ("." if "heldout_hidden_relative_error" in d else ""))]
     if "seconds" in d:
         parts = ", ".join(f"{k.replace('_', ' ')} {v:,.0f} s" for k, v in d["seconds"].items())
         lines.append(f"- Time ({d.get('threads', '?')} threads): {parts}."
@@ -92,8 +95,9 @@ def arm_lines(main, arm_paths, md_table) -> list:
         delta = paired_retention_delta(arm, main)
         changed = [f"{k} {arm['distillation'][k]}" for k in ("train_tower", "lr", "steps", "encoder_lr")
                    if arm["distillation"].get(k) != main["distillation"].get(k)]
-        changed += [f"hidden-state steps {arm['hidden_state_distillation']['steps']}"] if (
-            arm["hidden_state_distillation"]["steps"] != main["hidden_state_distillation"]["steps"]) else []
+        changed += [f"hidden-state {k.replace('_', ' ')} {arm['hidden_state_distillation'].get(k)}"
+                    for k in ("steps", "speech_weight")
+                    if arm["hidden_state_distillation"].get(k) != main["hidden_state_distillation"].get(k)]
         rows.append([f"`{p.name}`", ", ".join(changed) or "–", _ci(arm["retention"], arm["retention_ci95"]),
                      "not paired (other clips)" if delta is None else
                      f"{delta['value']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}]"])

@@ -99,3 +99,18 @@ def test_teacher_pass_examples_round_trip(tmp_path):
         assert b.features.shape == (1, 80, 16)  # recomputed from the WAV: the full (tiny) window
     with pytest.raises(ValueError, match="2 cached examples for 1 clips"):
         load_examples(tmp_path / "cache" / "train.safetensors", wavs[:1], fe, spec)
+
+
+def test_hidden_state_loss_weights_speech_and_padding_apart():
+    from nexus.conversion.speech_distill import HiddenStateLoss, speech_positions
+
+    assert speech_positions(16000) == 50 and speech_positions(16001) == 51  # 20 ms per encoder position
+    teacher = torch.ones(10, 4)
+    teacher[:2] *= 3.0  # the speech: 2 positions
+    student = teacher.clone()
+    student[:2] += 1.0  # all the error is on the speech
+    plain = HiddenStateLoss()(student, teacher, 2)
+    assert plain == pytest.approx(8 / (2 * 4 * 9 + 8 * 4))  # one relative error over the window
+    weighted = HiddenStateLoss(speech_weight=0.75)(student, teacher, 2)
+    assert weighted == pytest.approx(0.75 * 8 / 72)  # the padding is exact: only the speech term remains
+    assert HiddenStateLoss(speech_weight=0.75)(student, teacher, 0) == pytest.approx(plain)  # unknown: plain

@@ -60,6 +60,13 @@ def test_transcribe_is_whispers_greedy_decode(pair):
                 break
             ids.append(token)
     assert text and text == tok.decode(ids[4:], skip_special_tokens=True).strip()
+    # transformers' generate() gives the same tokens (it counts text positions only; the model adds the prefix)
+    out = student.generate(input_ids=torch.tensor([ids[:4]]), input_features=feats, max_new_tokens=len(ids) - 4,
+                           do_sample=False)
+    assert out[0].tolist()[:len(ids)] == ids
+    beams = [student.generate(input_ids=torch.tensor([ids[:4]]), input_features=feats, max_new_tokens=5,
+                              do_sample=False, num_beams=3, use_cache=cached) for cached in (True, False)]
+    assert torch.equal(*beams)  # beam search reorders the cross-attention cache slots with the rest
 
 
 def test_checkpoint_round_trip(pair, tmp_path):

@@ -623,6 +623,8 @@ class NexusModel(NexusPreTrainedModel):
             attention_mask = F.pad(attention_mask, (missing, 0), value=1)
             if position_ids is not None and past_length > 0:
                 position_ids = position_ids + missing
+        elif attention_mask is None and position_ids is not None and past_length > 0:  # (generate() after a prefix)
+            position_ids = position_ids + getattr(past_key_values, "nexus_prefix_length", 0)  # counted text only
 
         # --- routing: caller's pick > cached pick (decoding) > router. A caller's pick is a Python int, so the towers
         # to run are known without reading a tensor: a forced (or only) tower compiles with no graph break.

@@ -14,7 +14,8 @@
 
 Writes bench/results/speech_encoder.json; the student checkpoint (with its processor) goes to bench/out/speech/student.
 
-Usage: python bench/speech_encoder.py [--train 400] [--eval 50] [--encoder-steps 300] [--steps 150] [--budget 0.25]
+Usage: python bench/speech_encoder.py [--train 800] [--eval 50] [--encoder-steps 600] [--steps 300] [--budget 0.25]
+                                     [--speech-weight 0.75 | --no-speech-weight] [--train-tower] [--result PATH]
 """
 
 import argparse
@@ -193,18 +194,20 @@ def checkpoint_folder(result_path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--train", type=int, default=800)
     ap.add_argument("--eval", type=int, default=50)
     ap.add_argument("--calibration", type=int, default=8)
-    ap.add_argument("--encoder-steps", type=int, default=300, help="hidden-state-only steps (the tower not run)")
-    ap.add_argument("--steps", type=int, default=150, help="hidden-state + transcription KD through the tower")
+    ap.add_argument("--encoder-steps", type=int, default=600, help="hidden-state-only steps (the tower not run)")
+    ap.add_argument("--steps", type=int, default=300, help="hidden-state + transcription KD through the tower")
     ap.add_argument("--accumulate", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4, help="the tower's learning rate (with --train-tower)")
     ap.add_argument("--encoder-lr", type=float, default=5e-4)
     ap.add_argument("--train-tower", action="store_true", help="also train the tower (default: frozen, Whisper's)")
-    ap.add_argument("--speech-weight", type=float, default=None,
-                    help="hidden-state loss: weight of the clip's own positions vs the window's padding, each "
-                         "relative to its own norm (default: one relative error over the whole window)")
+    ap.add_argument("--speech-weight", type=float, default=0.75,
+                    help="hidden-state loss: weight (0..1] of the clip's own positions vs the window's padding, "
+                         "each relative to its own norm")
+    ap.add_argument("--no-speech-weight", action="store_true",
+                    help="hidden-state loss: one relative error over the whole window instead")
     ap.add_argument("--budget", type=float, default=0.25,
                     help="student encoder+projector params / Whisper encoder params")
     ap.add_argument("--threads", type=int, default=2)
@@ -212,6 +215,9 @@ def main():
     ap.add_argument("--evaluate-only", action="store_true",
                     help="no training: score the saved student of --result again and update its JSON")
     args = ap.parse_args()
+    if not 0 < args.speech_weight <= 1:
+        ap.error(f"--speech-weight must be in (0, 1], got {args.speech_weight}")
+    args.speech_weight = None if args.no_speech_weight else args.speech_weight
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -205,8 +205,8 @@ class HiddenStateLoss(nn.Module):
 
     ``speech_weight`` (with a clip's ``speech_positions``): the error of the clip's own positions and that of the
     padding after it are taken apart, each relative to its own teacher norm, and mixed ``w * speech + (1 - w) *
-    padding``. In a 30 s window a few seconds of speech hold ~10-14% of the teacher states' energy (measured on
-    espeak-ng clips), so the plain loss spends most of its effort on the padding."""
+    padding``. In a 30 s window a few seconds of speech hold a small share of the teacher states' energy, so the
+    plain loss spends most of its effort on the padding (bench/RESULTS.md §12 measures both)."""
 
     def __init__(self, speech_weight=None):
         super().__init__()

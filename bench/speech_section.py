@@ -35,7 +35,9 @@ def speech_section(path, md_table) -> list:
         same = "the same text as" if alone["same_text_as_in_process"] else "**different text from**"
         lines += [(f"The saved checkpoint stands alone: in a process that cannot import NEXUS ({alone['loader']}), "
                    f"it transcribed {alone['clips']} held-out clips to {same} the bench's own process."), ""]
-    goal = "met" if d["goal_met"] else "missed"
+    lo = d["retention_ci95"][0]
+    goal = (f"**{'met' if d['goal_met'] else 'missed'}** by the point estimate (the CI's lower end, {lo:.3f}, is "
+            f"{'above' if lo >= 0.90 else 'below'} 0.90)")
     rows = [["Whisper-base", _ci(d["whisper_word_accuracy"], d["whisper_word_accuracy_ci95"]), "–",
              f"{d['whisper_encoder_params']:,}", "1.000"],
             ["Nexus student", _ci(d["student_word_accuracy"], d["student_word_accuracy_ci95"]),
@@ -43,9 +45,9 @@ def speech_section(path, md_table) -> list:
              f"{d['params_ratio_with_projector']:.3f}"]]
     lines += [md_table(["model", "word accuracy", "retention", "encoder params (with projector)", "of Whisper's"],
                        rows), ""]
-    lines += [(f"Goal: {d['goal']}: **{goal}**. The student's tower: {d.get('tower', 'decoder')}; whole student "
+    lines += [(f"Goal: {d['goal']}: {goal}. The student's tower: {d.get('tower', 'decoder')}; whole student "
                f"{d['student_total_params']:,} params." if "student_total_params" in d else
-               f"Goal: {d['goal']}: **{goal}**."), ""]
+               f"Goal: {d['goal']}: {goal}."), ""]
     widths = ", ".join(f"{h}/{f}" for h, f in d["student_encoder_widths_heads_ffn"])
     lines += [f"- Pruning: {d['pruning']}. Heads / FFN neurons kept per layer: {widths}.",
               (f"- Distillation: {hs['steps']} hidden-state steps, then {kd['steps']} steps of hidden-state + "

@@ -8,8 +8,8 @@
   LayerNorms as Whisper has them. The shared embedding is Whisper's token embedding and the shared head is tied to it,
   as Whisper's ``proj_out`` is.
 
-Before pruning the student's logits equal Whisper's (``tests/test_speech_distill.py``, 1e-4). Transcription asks with
-Whisper's own prompt (``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``), stored as the encoder's
+Before pruning the student's logits equal Whisper's (``tests/test_whisper_decoder_tower.py``, 1e-4). Transcription
+asks with Whisper's own prompt (``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``), stored as the encoder's
 ``transcribe_prompt_ids``.
 """
 

@@ -204,6 +204,10 @@ for _v in (
             "their 20% largest entries, sign-elected and averaged onto it (ties_merge.py, mergekit's ties method, "
             "density 0.2); then the same compression and KD",
             align={"method": "ties"}),
+    Variant("distill_all_text", "ablation", "all of each capability's training text (no distill.tokens cap)",
+            "as NEXUS, but distillation reads every chunk of each capability's training text instead of the "
+            "recipe's distill.tokens budget per capability (issue 16: does a longer run overfit the capped text?)",
+            distill={"tokens": None}),
     Variant("no_lmc", "ablation", "LMC off",
             "the distilled end point as it is (no walk along init -> distilled for the best alpha)",
             distill={"lmc": False}),

@@ -53,7 +53,7 @@ METHODS = ("nexus", "random_init_kd", "magnitude_kd", "minitron_kd", "weight_pca
 # the ones that are not a switch in the pipeline are recorded with the reason)
 ABLATIONS = ("no_dynamic_allocation", "no_allocation_selection", "no_teacher_embedding", "vocab_by_id",
              "preservation_on", "no_lmc", "no_localisation", "localisation_on", "no_ot_alignment", "no_manifold",
-             "manifold_on")
+             "manifold_on", "distill_all_text")
 # point (fraction of the tower teachers' parameters) -> student build overrides and distill steps
 POINTS = {
     0.5: {"student_build": {"budget_fraction": 0.5, "keep_top_tokens": 40000}, "steps": 100},

@@ -14,8 +14,13 @@
 
 Writes bench/results/speech_encoder.json; the student checkpoint (with its processor) goes to bench/out/speech/student.
 
+Before Whisper loads, the run's peak RAM is planned (`speech_memory.plan_speech_ram`: convert, teacher pass, train;
+one teacher resident at a time) and a plan over ``--ram-gb`` (default: the machine's RAM) is refused; the JSON keeps
+the plan beside the measured peak. ``--plan-only`` writes the plan alone to bench/results/speech_ram_plan.json.
+
 Usage: python bench/speech_encoder.py [--train 800] [--eval 50] [--encoder-steps 600] [--steps 300] [--budget 0.25]
                                      [--speech-weight 0.75 | --no-speech-weight] [--train-tower] [--result PATH]
+                                     [--ram-gb N] [--plan-only]
 """
 
 import argparse
@@ -33,14 +38,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paths import ARTEFACTS, RESULTS  # noqa: E402
 
+from nexus.conversion.atomic_output import atomic_file  # noqa: E402
 from nexus.conversion.bootstrap import bootstrap_ci, ratio, ratio_ci  # noqa: E402
-from nexus.conversion.ctranslate2_whisper import join_parts, whisper_from_ctranslate2  # noqa: E402
+from nexus.conversion.ctranslate2_whisper import (  # noqa: E402
+    join_parts,
+    read_ctranslate2_model,
+    whisper_config_from_ctranslate2,
+    whisper_from_ctranslate2,
+)
+from nexus.conversion.peak_rss import current_rss, peak_rss, reset_peak_rss  # noqa: E402
 from nexus.conversion.speech_distill import (  # noqa: E402
-    distil_speech, load_examples, save_examples, spoken_sentences, synthesize, teacher_pass, word_accuracy,
-    word_errors)
+    distil_speech,
+    load_examples,
+    save_examples,
+    spoken_sentences,
+    synthesize,
+    teacher_pass,
+    word_accuracy,
+    word_errors,
+)
+from nexus.conversion.speech_memory import plan_speech_ram  # noqa: E402
 from nexus.conversion.speech_prune import (  # noqa: E402
-    allocate_units, audio_encoder_parameter_count, prune_audio_encoder, speech_unit_scores)
+    allocate_units,
+    audio_encoder_parameter_count,
+    prune_audio_encoder,
+    speech_unit_scores,
+)
 from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids  # noqa: E402
+from nexus.conversion.stage_memory import check_stage_plan, machine_ram_bytes  # noqa: E402
 from nexus.hub.fresh_load import fresh_process_transcripts  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "nexus" / "conversion" / "data"
@@ -188,6 +213,42 @@ def reevaluate(args, eval_wavs, eval_text):
     log(f"updated {args.result}")
 
 
+def ram_plan(args, n_clips):
+    """`plan_speech_ram` for this run, before Whisper loads (its config read from the CTranslate2 file)."""
+    runtime = current_rss() or 0
+    folder = whisper_ct2_folder()
+    _, _, variables, aliases = read_ctranslate2_model(folder / "model.bin")
+    config = whisper_config_from_ctranslate2(variables, aliases)
+    del variables
+    return plan_speech_ram(config, n_clips, runtime, ct2_file_bytes=(folder / "model.bin").stat().st_size,
+                           budget=args.budget, train_tower=args.train_tower)
+
+
+def plan_report(plan, budget_bytes):
+    phases = ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in plan["phases"].items())
+    log(f"RAM plan: peak {plan['total_bytes'] / 2**20:,.0f} MiB in the {plan['peak_phase']} phase ({phases}); "
+        f"budget {budget_bytes / 2**20:,.0f} MiB")
+
+
+def plan_only(args, plan):
+    """``--plan-only``: write the plan for these settings beside the peak the last full run of ``--result`` measured
+    (when its clip count matches)."""
+    out = {"command": "python bench/speech_encoder.py --plan-only", "plan": plan}
+    if args.result.is_file():
+        last = json.loads(args.result.read_text())
+        clips = sum(last.get("clips", {}).get(k, 0) for k in ("train", "heldout"))
+        if clips == plan["assumptions"]["clips"] and "peak_rss_mb" in last:
+            measured = last["peak_rss_mb"] * 2**20
+            out["measured"] = {"result": args.result.name, "peak_rss_bytes": int(measured),
+                               "plan_over_measured": plan["total_bytes"] / measured}
+            log(f"measured peak of {args.result.name}: {measured / 2**20:,.0f} MiB; plan / measured "
+                f"{out['measured']['plan_over_measured']:.3f}")
+    path = RESULTS / "speech_ram_plan.json"
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+    log(f"wrote {path}")
+
+
 def checkpoint_folder(result_path):
     return OUT / ("student" if result_path.name == "speech_encoder.json" else result_path.stem)
 
@@ -214,6 +275,10 @@ def main():
     ap.add_argument("--result", type=Path, default=RESULTS / "speech_encoder.json", help="where the JSON goes")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="no training: score the saved student of --result again and update its JSON")
+    ap.add_argument("--ram-gb", type=float, default=None,
+                    help="refuse to start when the planned peak RAM exceeds this (default: the machine's RAM)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="print and write the RAM plan (bench/results/speech_ram_plan.json), run nothing")
     args = ap.parse_args()
     if not 0 < args.speech_weight <= 1:
         ap.error(f"--speech-weight must be in (0, 1], got {args.speech_weight}")
@@ -231,9 +296,24 @@ def main():
     log(f"{len(train_wavs)} training clips, {len(eval_wavs)} held-out clips (espeak-ng)")
     if args.evaluate_only:
         return reevaluate(args, eval_wavs, eval_text)
+    plan = ram_plan(args, len(train_wavs) + len(eval_wavs))
+    budget_bytes = int(args.ram_gb * 2**30) if args.ram_gb else machine_ram_bytes()
+    plan_report(plan, budget_bytes)
+    if args.plan_only:
+        return plan_only(args, plan)
+    check_stage_plan(plan, budget_bytes, "--ram-gb" if args.ram_gb else "this machine's RAM",
+                     hint="pass --ram-gb, or fewer --train clips")
 
+    measured = {}  # peak RSS per planned phase (the kernel's high-water mark, reset at each phase's start)
+
+    def phase_done(name):
+        measured[name] = peak_rss() / 2**20
+        reset_peak_rss()
+
+    reset_peak_rss()
     t0 = time.time()
     whisper, tokenizer, fe = whisper_from_ctranslate2(whisper_ct2_folder(), dtype=torch.float32)
+    phase_done("convert")
     prompt = whisper_prompt_ids(tokenizer)
     student = speech_student_from_whisper(whisper, tokenizer)
     spec = student.config.encoders[0]
@@ -243,6 +323,7 @@ def main():
     seconds["teacher_pass"] = time.time() - t0
     log(f"teacher pass done ({seconds['teacher_pass']:.0f} s)")
     copy = copy_check(student, whisper, fe, eval_wavs[:2], held[:2], spec)
+    phase_done("teacher")
     log(f"unpruned student vs Whisper: max |feature diff| {copy['max_abs_feature_diff']:.2e}, "
         f"max |logit diff| {copy['max_abs_logit_diff']:.2e} over {copy['clips']} clips")
 
@@ -257,6 +338,7 @@ def main():
     budget = int(args.budget * whisper_enc_params)
     keep = allocate_units(student.model.encoders[0], scores, budget, hidden_size=student.config.hidden_size)
     student = prune_audio_encoder(student, keep)
+    phase_done("prune")
     del whisper  # one teacher resident at a time: training needs only the cached teacher outputs
     seconds["prune"] = time.time() - t0
     spec = student.config.encoders[0]
@@ -280,6 +362,9 @@ def main():
                               log_every=10, speech_weight=args.speech_weight) if args.steps else []
     seconds["transcription_kd"] = time.time() - t0
     log("transcription KD done")
+    phase_done("train")
+    log("peak RSS per phase (MiB): " + ", ".join(f"{k} {v:,.0f} (plan {plan['phases'][k] / 2**20:,.0f})"
+                                                   for k, v in measured.items()))
 
     t0 = time.time()
     scores = evaluate(student, fe, tokenizer, eval_wavs, held)
@@ -325,7 +410,7 @@ def main():
         "distillation": {"steps": args.steps, "clips_per_step": args.accumulate, "lr": args.lr,
                          "encoder_lr": args.encoder_lr, "train_tower": args.train_tower,
                          "first": train_log[:1], "last": train_log[-3:]},
-        "seconds": seconds, "threads": args.threads,
+        "seconds": seconds, "threads": args.threads, "ram_plan": plan, "measured_phase_peak_mib": measured,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process: no stage resets
         "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters",
         "goal_met": bool(scores["fields"]["retention"] >= 0.90 and student_enc_params <= 0.25 * whisper_enc_params),

@@ -65,11 +65,41 @@ def speech_section(path, md_table) -> list:
     arms = sorted(path.parent.glob(path.stem + "_*.json"))
     if arms:
         lines += ["", *arm_lines(d, arms, md_table)]
+    attached = path.parent / "speech_attach.json"
+    if attached.is_file():
+        lines += ["", *attach_lines(json.loads(attached.read_text()), md_table)]
     samples = d.get("samples") or []
     if samples:
         lines += ["", md_table(["reference", "Whisper", "student"],
                                [[s["reference"], s["whisper"], s["student"] or "(empty)"] for s in samples[:4]])]
     return lines
+
+
+def attach_lines(a, md_table) -> list:
+    """Text + speech in one checkpoint (`bench/speech_attach.py`, ``nexus attach-speech``): both sources' behaviour
+    kept, measured on real inputs."""
+    at, text, sp, alone = a["attach"], a["text"], a["speech"], a["standalone_check"]
+    p = at["params"]
+    same = "the same text as" if alone["same_text_as_in_process"] else "**different text from**"
+    rows = [["text (held-out prose + code windows)",
+             f"{text['windows']} × {text['tokens_per_window']} tokens",
+             "max \\|logit diff\\| vs the text student " + f"{text['max_abs_logit_diff']:.1e}; router picks "
+             f"{'identical' if text['same_router_picks'] else '**different**'}"],
+            ["speech (held-out clips)", f"{sp['clips']} clips",
+             f"{sp['identical_transcripts']}/{sp['clips']} transcripts identical to the speech student's; word "
+             f"accuracy {_ci(sp['student_word_accuracy'], sp['student_word_accuracy_ci95'])}, retention vs Whisper "
+             f"{_ci(sp['retention'], sp['retention_ci95'])}"]]
+    return ["**One checkpoint with text and speech** (`python bench/speech_attach.py`, `speech_attach.json`): "
+            f"`nexus attach-speech` joined the text student ({p['text_student']:,} params; towers "
+            f"{', '.join(at['towers'][:-1])}) and the speech student above ({p['speech_student']:,} params) into "
+            f"one `NexusForCausalLM` of {p['total']:,} params ({at['added_params']:,} of them added zeros: the "
+            "projector and cross-attention padding to the text student's hidden size "
+            f"{at['shared_hidden_size']}, and the router's speech class, which it never picks). The speech tower "
+            f"keeps Whisper's token space ({at['speech_tower']['vocab_size']:,} tokens) beside the text vocabulary; "
+            "its processor sits in the `speech/` subfolder.", "",
+            md_table(["input", "measured on", "result"], rows), "",
+            f"In a process that cannot import NEXUS ({alone['loader']}), the checkpoint transcribed {alone['clips']} "
+            f"clips to {same} the bench's own process. Peak RSS {a['peak_rss_mb']:,.0f} MB."]
 
 
 def _accuracy(errors, words):

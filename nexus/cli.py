@@ -57,6 +57,8 @@ from .remove_capability_command import remove_capability  # noqa: E402
 app.command("remove-capability")(remove_capability)
 from .add_teacher_command import add_teacher  # noqa: E402
 app.command("add-teacher")(add_teacher)
+from .attach_speech_command import attach_speech  # noqa: E402
+app.command("attach-speech")(attach_speech)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ TRANSCRIBE_CHILD = GUARD + textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
     model = AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True, dtype=torch.float32).eval()
-    fe = WhisperFeatureExtractor.from_pretrained({folder!r})
-    tok = AutoTokenizer.from_pretrained({folder!r}, trust_remote_code=True)
+    fe = WhisperFeatureExtractor.from_pretrained({folder!r}, subfolder={subfolder!r})
+    tok = AutoTokenizer.from_pretrained({folder!r}, subfolder={subfolder!r}, trust_remote_code=True)
     texts = [model.transcribe(path, fe, tok, max_new_tokens={max_new_tokens!r}) for path in {wavs!r}]
     print("NEXUS_CHILD_TEXTS", json.dumps(texts))
     print("NEXUS_CHILD_MODULE", type(model).__module__)
@@ -78,14 +78,16 @@ TRANSCRIBE_CHILD = GUARD + textwrap.dedent(
 )
 
 
-def fresh_process_transcripts(folder, wavs, max_new_tokens=64, timeout=900):
-    """``(transcripts, module_name)``: a speech checkpoint at ``folder`` (weights, feature extractor and tokenizer in
-    one folder) transcribing ``wavs`` with ``model.transcribe`` in a project-free child, remote code on."""
+def fresh_process_transcripts(folder, wavs, max_new_tokens=64, timeout=900, subfolder=""):
+    """``(transcripts, module_name)``: a speech checkpoint at ``folder`` transcribing ``wavs`` with
+    ``model.transcribe`` in a project-free child, remote code on. The feature extractor and tokenizer are read from
+    ``folder`` / ``subfolder`` (``"speech"`` in a text + speech checkpoint, `speech_attach`)."""
     import json
 
     with tempfile.TemporaryDirectory(prefix="nexus-fresh-") as tmp:
         script = TRANSCRIBE_CHILD.format(repo=str(REPO_ROOT), folder=str(Path(folder).resolve()),
-                                         wavs=[str(Path(w).resolve()) for w in wavs], max_new_tokens=max_new_tokens)
+                                         wavs=[str(Path(w).resolve()) for w in wavs], max_new_tokens=max_new_tokens,
+                                         subfolder=subfolder)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(HF_MODULES_CACHE=str(Path(tmp) / "hf_modules"), HF_HUB_OFFLINE="1")
         done = subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True,

@@ -563,6 +563,37 @@ class NexusModel(NexusPreTrainedModel):
             raise ValueError(f"tower index {tower} out of range: this model has {len(self.towers)} tower(s)")
         return int(tower)
 
+    def prefix_tower_index(self):
+        """The tower an encoder prefix goes to when the caller picks none: the first tower that reads prefixes
+        (``whisper_decoder``), else None (the router decides)."""
+        for i, t in enumerate(self.towers):
+            if getattr(t, "reads_prefix", False):
+                return i
+        return None
+
+    @property
+    def _text_routable(self):
+        """(n_towers,) bool: the towers the router may pick (not those with their own token space); None: all."""
+        flags = [not getattr(t, "foreign_vocabulary", False) for t in self.towers]
+        return None if all(flags) else torch.tensor(flags)
+
+    def _foreign_route(self, forced, kept):
+        """The name of the tower with its own token space this call runs (from the forced pick, or the cache's
+        record), else None; such a tower runs alone in its batch."""
+        if not any(getattr(t, "foreign_vocabulary", False) for t in self.towers):
+            return None
+        if forced is not None:
+            picks = [forced]
+        elif kept is not None and not torch.compiler.is_compiling():
+            picks = kept[:, 0, 0, 0].round().long().unique().tolist()
+        else:
+            return None
+        foreign = [t for t in picks if getattr(self.towers[t], "foreign_vocabulary", False)]
+        if foreign and len(picks) > 1:
+            raise ValueError(f"tower {self.towers[foreign[0]].name!r} has its own token space and runs alone in a "
+                             f"batch; this cache's rows were filled by towers {picks}")
+        return self.towers[foreign[0]].name if foreign else None
+
     def encoder_index_for(self, encoder=None, modality=None):
         """Resolve ``encoder`` (index or name; None: the only / first encoder of ``modality``) to an index."""
         names = [e.name for e in self.encoders]
@@ -600,15 +631,28 @@ class NexusModel(NexusPreTrainedModel):
         past_key_values = _one_cache(cache, past_key_values)  # (the name used below, whichever the caller passed)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
-        B, T, _ = inputs_embeds.shape
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # --- routing: caller's pick > cached pick (decoding) > an audio prefix's tower > router. A caller's pick is a
+        # Python int, so the towers to run are known without reading a tensor: a forced (or only) tower compiles with
+        # no graph break.
+        forced = None if tower is None and capability is None else self.tower_index_for(tower, capability)
+        kept = past_key_values.layers[0].keys if past_length > 0 else None  # slot 0: the routing record so far
+        cached = kept is not None and kept.numel() > 0
+        if forced is None and not cached and input_features is not None:
+            forced = self.prefix_tower_index()
+        foreign = self._foreign_route(forced, kept if cached else None)
+        if inputs_embeds is None:  # (B, T, H); a tower with its own token space embeds input_ids itself
+            inputs_embeds = (self.embed_tokens.weight.new_zeros(B, T, self.config.hidden_size) if foreign
+                             else self.embed_tokens(input_ids))
+        elif foreign:
+            raise ValueError(f"tower {foreign!r} has its own token space: pass input_ids, not inputs_embeds")
         if input_features is not None and past_length == 0:  # --- encoder features -> a prefix before the text
             prefix, _ = self.encoders[self.encoder_index_for(encoder)](input_features)  # (B, P, H)
             inputs_embeds = torch.cat([prefix.to(inputs_embeds.dtype), inputs_embeds], dim=1)
@@ -626,12 +670,7 @@ class NexusModel(NexusPreTrainedModel):
         elif attention_mask is None and position_ids is not None and past_length > 0:  # (generate() after a prefix)
             position_ids = position_ids + getattr(past_key_values, "nexus_prefix_length", 0)  # counted text only
 
-        # --- routing: caller's pick > cached pick (decoding) > router. A caller's pick is a Python int, so the towers
-        # to run are known without reading a tensor: a forced (or only) tower compiles with no graph break.
         router_logits = None
-        forced = None if tower is None and capability is None else self.tower_index_for(tower, capability)
-        kept = past_key_values.layers[0].keys if past_length > 0 else None  # slot 0: the routing record so far
-        cached = kept is not None and kept.numel() > 0
         if forced is not None:
             routes = torch.full((B,), forced, dtype=torch.long, device=inputs_embeds.device)
             if cached and not torch.compiler.is_compiling():  # (eager only: a data-dependent check)
@@ -645,6 +684,9 @@ class NexusModel(NexusPreTrainedModel):
             routes = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device)
         else:
             router_logits = self.router(inputs_embeds, attention_mask)
+            if self._text_routable is not None:  # towers with their own token space never take text from the router
+                router_logits = router_logits.masked_fill(~self._text_routable.to(router_logits.device),
+                                                          torch.finfo(router_logits.dtype).min)
             routes = router_logits.argmax(-1)
         if past_key_values is not None:  # slot 0: the routing record, one entry per token (keeps get_seq_length right)
             record = routes.to(inputs_embeds.dtype)[:, None, None, None].expand(B, 1, T, 1)
@@ -662,7 +704,8 @@ class NexusModel(NexusPreTrainedModel):
             picked = [forced or 0]
         else:  # the router's (or the cache's) picks: data-dependent, a graph break under torch.compile
             picked = routes.unique().tolist()
-        if input_features is not None and any(self.towers[t].own_vocabulary for t in picked):
+        if input_features is not None and any(
+                self.towers[t].own_vocabulary and not getattr(self.towers[t], "reads_prefix", False) for t in picked):
             raise ValueError("an encoder prefix needs a shared-vocabulary tower; the picked tower has its own "
                              "vocabulary and embeds input_ids itself")
         if output_hidden_states and len(picked) > 1:
@@ -777,7 +820,7 @@ class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
         if labels is not None and logits.shape[1] > labels.shape[1] and not logits_to_keep:
             labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)  # an encoder prefix: no labels
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
         return NexusCausalLMOutput(
             loss=loss,
             logits=logits,

@@ -8,6 +8,9 @@ tokenizer beside the weights, so in a process without NEXUS::
     text = model.transcribe("clip.wav", WhisperFeatureExtractor.from_pretrained(folder),
                             AutoTokenizer.from_pretrained(folder, trust_remote_code=True))
 
+A checkpoint whose speech tower has its own token space beside text towers (``nexus attach-speech``) keeps the
+speech processor in the subfolder ``speech/``: ``WhisperProcessor.from_pretrained(folder, subfolder="speech")``.
+
 A WAV at another sample rate is resampled (``resample=False`` refuses it instead); a corrupt WAV is an
 `AudioInputError` naming the file. Decoding is greedy with the KV cache: the audio prefix and the encoder's
 ``transcribe_prompt_ids`` are run once, then one token per step until EOS or ``max_new_tokens``.
@@ -67,7 +70,10 @@ def transcribe_audio(model, audio, feature_extractor=None, tokenizer=None, proce
     prompt = list(spec["transcribe_prompt_ids"]) or [tokenizer.bos_token_id or 0]
     input_ids = torch.tensor([prompt], device=device)
     out = model(input_ids=input_ids, input_features=feats, encoder=index, use_cache=True, logits_to_keep=1)
-    eos = {tokenizer.eos_token_id, model.config.eos_token_id} - {None}
+    tower = base.prefix_tower_index()
+    own_space = tower is not None and getattr(base.towers[tower], "foreign_vocabulary", False)
+    # the config's EOS is a shared-vocabulary id: a tower with its own token space stops on its tokenizer's EOS only
+    eos = ({tokenizer.eos_token_id} | ({model.config.eos_token_id} if not own_space else set())) - {None}
     eos = {e for x in eos for e in (x if isinstance(x, (list, tuple)) else [x])}
     generated = []
     cache_name = "cache" if "cache" in out else "past_key_values"

@@ -10,12 +10,15 @@ from torch import nn
 
 
 class NexusWhisperAttention(nn.Module):
-    def __init__(self, d_model, num_heads, head_dim):
+    def __init__(self, d_model, num_heads, head_dim, kv_size=None):
+        """``kv_size``: width of what keys/values are read from (cross-attention over a prefix of another width;
+        default ``d_model``)."""
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
+        kv_size = kv_size or d_model
         self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=True)
-        self.k_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=True)
+        self.k_proj = nn.Linear(kv_size, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(kv_size, num_heads * head_dim, bias=True)
         self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=True)
 
     def heads(self, proj, x):

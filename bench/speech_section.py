@@ -65,6 +65,9 @@ def speech_section(path, md_table) -> list:
     arms = sorted(path.parent.glob(path.stem + "_*.json"))
     if arms:
         lines += ["", *arm_lines(d, arms, md_table)]
+    ram = path.parent / "speech_ram_plan.json"
+    if ram.is_file():
+        lines += ["", *ram_lines(json.loads(ram.read_text()), md_table)]
     attached = path.parent / "speech_attach.json"
     if attached.is_file():
         lines += ["", *attach_lines(json.loads(attached.read_text()), md_table)]
@@ -73,6 +76,27 @@ def speech_section(path, md_table) -> list:
         lines += ["", md_table(["reference", "Whisper", "student"],
                                [[s["reference"], s["whisper"], s["student"] or "(empty)"] for s in samples[:4]])]
     return lines
+
+
+def ram_lines(r, md_table) -> list:
+    """The speech path's RAM plan (`speech_memory.plan_speech_ram`) beside what a run measured per phase."""
+    plan, measured = r["plan"], r.get("measured_phase_peak_mib") or {}
+    rows = [[name + (" (peak)" if name == plan["peak_phase"] else ""), f"{total / 2**20:,.0f}",
+             f"{measured[name]:,.0f}" if name in measured else "–",
+             f"{total / 2**20 / measured[name]:.2f}" if name in measured else "–"]
+            for name, total in plan["phases"].items()]
+    a = plan["assumptions"]
+    head = (f"**Planned memory** (`{r['command']}`, `speech_ram_plan.json`; one teacher resident at a time: Whisper "
+            f"is freed before training): {a['clips']} clips of {a['per_example_bytes'] / 2**20:.2f} MiB each "
+            "(log-mel window, fp16 teacher states, top-k logits) dominate. The bench refuses to start when the plan "
+            "exceeds `--ram-gb` (default: the machine's RAM).")
+    if measured:
+        head += (f" Measured: {r['note']}; the plan's peak is {r['peak_plan_over_measured']:.2f}× the largest "
+                 "measured phase.")
+    elif "measured" in r:
+        head += (f" The last full run measured a peak of {r['measured']['peak_rss_bytes'] / 2**20:,.0f} MiB; plan ÷ "
+                 f"measured {r['measured']['plan_over_measured']:.2f}.")
+    return [head, "", md_table(["phase", "plan MiB", "measured MiB", "plan ÷ measured"], rows)]
 
 
 def attach_lines(a, md_table) -> list:

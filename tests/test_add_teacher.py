@@ -155,3 +155,16 @@ def test_replace_hands_an_existing_capability_to_the_new_teacher(student, tmp_pa
                                and proof["router"]["prose"]["not_below_before_ci"])
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 9]]), capability="code").logits).all()
+
+
+def test_a_student_with_an_attached_speech_encoder_is_refused(student, tmp_path):
+    from test_speech_attach import speech_folder
+
+    from nexus.conversion.speech_attach import attach_speech
+
+    root, folder = student
+    attached = tmp_path / "attached"
+    attach_speech(folder, speech_folder(tmp_path / "speech"), attached)
+    with pytest.raises(AddTeacherError, match=r"has encoder\(s\) \['speech'\] \(nexus attach-speech\)"):
+        add_teacher(attached, fragment(root), tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()

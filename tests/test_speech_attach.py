@@ -175,3 +175,19 @@ def test_cli(sources, tmp_path):
     again = CliRunner().invoke(app, ["attach-speech", str(sources[0]), str(sources[1]), "--out",
                                      str(tmp_path / "cli")])
     assert again.exit_code != 0 and "exists" in again.output
+
+
+def test_remove_capability_keeps_speech_and_refuses_the_speech_tower(sources, attached, tmp_path):
+    from nexus.conversion.remove_capability import RemoveCapabilityError, remove_capability
+
+    with pytest.raises(RemoveCapabilityError, match="served by the speech tower"):
+        remove_capability(attached[1], "speech", tmp_path / "no-speech")
+    assert not (tmp_path / "no-speech").exists()
+    record = remove_capability(attached[1], "c", tmp_path / "no-c")  # t1 goes; the speech tower moves to index 1
+    assert record["towers_after"] == ["t0", "speech"]
+    model, before = _load(tmp_path / "no-c"), _load(sources[1])
+    ids, feats = torch.tensor([[1, 2, 5, 9]]), torch.randn(1, 80, 16)
+    with torch.no_grad():
+        got = model(input_ids=ids, input_features=feats).logits[:, -4:]
+        ref = before(input_ids=ids, input_features=feats).logits[:, -4:]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

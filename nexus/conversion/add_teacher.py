@@ -282,6 +282,9 @@ def add_teacher(student, fragment_path, out, replace=False, overwrite=False, con
     try:
         fragment, recipe = load_fragment(fragment_path, work / "profile-run")
         config = NexusConfig.from_pretrained(student)
+        if config.encoders:
+            raise AddTeacherError(f"student {student} has encoder(s) {[e.get('name') for e in config.encoders]} "
+                                  "(nexus attach-speech): add teachers to the text student, then attach speech again")
         served = list(config.capability_to_tower)
         new_caps = [c.name for c in recipe.capabilities]
         existing = [c for c in new_caps if c in served]

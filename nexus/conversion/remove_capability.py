@@ -125,6 +125,9 @@ def remove_capability(student, name, out, overwrite=False) -> dict:
         raise RemoveCapabilityError(f"capability {name!r} is the last one student {student} serves; removing it "
                                     "would leave no student")
     index = mapping[name]
+    if config.encoders and config.towers[index]["type"] == "whisper_decoder":
+        raise RemoveCapabilityError(f"capability {name!r} is served by the speech tower of student {student}, which "
+                                    "reads its audio encoder: use the text student it was attached to instead")
     towers = json.loads(json.dumps(config.towers))
     towers[index]["capabilities"] = [c for c in towers[index]["capabilities"] if c != name]
     tensors = read_student_tensors(student)

@@ -209,11 +209,9 @@ def attach_speech(text, speech, out, overwrite=False) -> dict:
         model.save_pretrained(tmp)  # config with auto_map, safetensors and this NEXUS's modeling files
         processor_files = copy_speech_processor(speech, tmp / SPEECH_SUBFOLDER)
         checked_from_pretrained(NexusForCausalLM, tmp, what="attached student", dtype=None)
-        capabilities = read_student_capabilities(text)
+        capabilities = read_student_capabilities(text)  # the text capabilities' probes and data, as they were
         if capabilities is not None:
             capabilities.pop("schema", None)
-            capabilities["capabilities"] = capabilities["capabilities"] + [
-                {"name": c, "probe": "speech", "modality": "audio"} for c in speech_tower.get("capabilities") or []]
             write_student_capabilities(tmp, capabilities)
         record = {
             "schema": "nexus.attach_speech/1", "text_student": str(text), "speech_student": str(speech),

@@ -21,6 +21,7 @@ Sample::
     log = distil_speech(student, examples, steps=600)
 """
 
+import hashlib
 import math
 import random
 import re
@@ -63,14 +64,16 @@ def espeak_available():
 
 
 def synthesize(sentences, folder, voice="en-us", speed=160):
-    """Speak each sentence with espeak-ng into ``folder/NNNN.wav`` (22050 Hz PCM); returns the paths."""
+    """Speak each sentence with espeak-ng into ``folder/NNNN-<hash>.wav`` (22050 Hz PCM); returns the paths. The
+    hash covers the sentence, voice and speed, so a clip already on disk is reused only for the same words."""
     if not espeak_available():
         raise RuntimeError("espeak-ng is not installed: `apt-get install -y espeak-ng` (setup.sh does this)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, sent in enumerate(sentences):
-        path = folder / f"{i:04d}.wav"
+        key = hashlib.sha1(f"{voice}|{speed}|{sent}".encode()).hexdigest()[:10]
+        path = folder / f"{i:04d}-{key}.wav"
         if not path.is_file():
             subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), sent], check=True,
                            capture_output=True)

@@ -67,7 +67,7 @@ def speech_section(path, md_table) -> list:
         lines += ["", *arm_lines(d, arms, md_table)]
     ram = path.parent / "speech_ram_plan.json"
     if ram.is_file():
-        lines += ["", *ram_lines(json.loads(ram.read_text()), md_table)]
+        lines += ["", *ram_lines(json.loads(ram.read_text()), md_table, d)]
     attached = path.parent / "speech_attach.json"
     if attached.is_file():
         lines += ["", *attach_lines(json.loads(attached.read_text()), md_table)]
@@ -78,8 +78,9 @@ def speech_section(path, md_table) -> list:
     return lines
 
 
-def ram_lines(r, md_table) -> list:
-    """The speech path's RAM plan (`speech_memory.plan_speech_ram`) beside what a run measured per phase."""
+def ram_lines(r, md_table, main=None) -> list:
+    """The speech path's RAM plan (`speech_memory.plan_speech_ram`) beside what a run measured per phase, and the
+    whole-process peak of ``main`` (the full run's record)."""
     plan, measured = r["plan"], r.get("measured_phase_peak_mib") or {}
     rows = [[name + (" (peak)" if name == plan["peak_phase"] else ""), f"{total / 2**20:,.0f}",
              f"{measured[name]:,.0f}" if name in measured else "–",
@@ -93,6 +94,15 @@ def ram_lines(r, md_table) -> list:
     if measured:
         head += (f" Measured: {r['note']}; the plan's peak is {r['peak_plan_over_measured']:.2f}× the largest "
                  "measured phase.")
+        if main and "peak_rss_mb" in main and "ram_plan" not in main:
+            clips = main["clips"]
+            head += (f" The full run in `speech_encoder.json` predates the plan; its whole-process peak was "
+                     f"{main['peak_rss_mb']:,.0f} MiB, with {clips['train']} training clips (its held-out clips have "
+                     "been re-scored since).")
+        elif main and "ram_plan" in main:
+            planned = main["ram_plan"]["total_bytes"] / 2**20
+            head += (f" The full run in `speech_encoder.json`: plan {planned:,.0f} MiB, whole-process peak "
+                     f"{main['peak_rss_mb']:,.0f} MiB.")
     elif "measured" in r:
         head += (f" The last full run measured a peak of {r['measured']['peak_rss_bytes'] / 2**20:,.0f} MiB; plan ÷ "
                  f"measured {r['measured']['plan_over_measured']:.2f}.")
@@ -107,7 +117,7 @@ def attach_lines(a, md_table) -> list:
     same = "the same text as" if alone["same_text_as_in_process"] else "**different text from**"
     rows = [["text (held-out prose + code windows)",
              f"{text['windows']} × {text['tokens_per_window']} tokens",
-             "max \\|logit diff\\| vs the text student " + f"{text['max_abs_logit_diff']:.1e}; router picks "
+             f"max |logit diff| vs the text student {text['max_abs_logit_diff']:.1e}; router picks "
              f"{'identical' if text['same_router_picks'] else '**different**'}"],
             ["speech (held-out clips)", f"{sp['clips']} clips",
              f"{sp['identical_transcripts']}/{sp['clips']} transcripts identical to the speech student's; word "

@@ -64,3 +64,30 @@ def test_other_arms_get_a_paired_delta(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| `speech_encoder_train_tower.json`"))
     assert "train_tower True" in row and "| +0.105 [" in row
     assert "| `speech_encoder_x.json` | – | 0.500 [0.400, 0.600] | not paired (other clips) |" in text
+
+
+def test_ram_plan_and_attached_checkpoint_render(tmp_path):
+    section = load_bench("speech_section")
+    (tmp_path / "speech_encoder.json").write_text(json.dumps(record(0.9, True)))
+    mib = 2**20
+    plan = {"plan": {"phases": {"convert": 100 * mib, "teacher": 300 * mib, "prune": 400 * mib, "train": 200 * mib},
+                     "peak_phase": "prune", "total_bytes": 400 * mib,
+                     "assumptions": {"clips": 10, "per_example_bytes": 2 * mib}},
+            "command": "python bench/speech_encoder.py --memory-check",
+            "measured_phase_peak_mib": {"convert": 125.0, "teacher": 300.0, "prune": 500.0, "train": 250.0},
+            "peak_plan_over_measured": 0.8, "note": "N"}
+    (tmp_path / "speech_ram_plan.json").write_text(json.dumps(plan))
+    attach = {"attach": {"towers": ["gemma", "arith", "speech"], "params": {"text_student": 10, "speech_student": 5,
+                                                                            "total": 16},
+                         "added_params": 1, "shared_hidden_size": 640, "speech_tower": {"vocab_size": 51865}},
+              "text": {"windows": 4, "tokens_per_window": 8, "max_abs_logit_diff": 0.0, "same_router_picks": True},
+              "speech": {"clips": 7, "identical_transcripts": 6, "student_word_accuracy": 0.7,
+                         "student_word_accuracy_ci95": [0.6, 0.8], "retention": 0.95, "retention_ci95": [0.9, 1.0]},
+              "standalone_check": {"clips": 3, "same_text_as_in_process": False, "loader": "L2"}, "peak_rss_mb": 99.0}
+    (tmp_path / "speech_attach.json").write_text(json.dumps(attach))
+    table = load_bench("results").md_table
+    text = "\n".join(section.speech_section(tmp_path / "speech_encoder.json", table))
+    assert "| prune (peak) | 400 | 500 | 0.80 |" in text and "| convert | 100 | 125 | 0.80 |" in text
+    assert "plan's peak is 0.80× the largest measured phase" in text
+    assert "6/7 transcripts identical to the speech student's" in text
+    assert "towers gemma, arith)" in text and "**different text from**" in text

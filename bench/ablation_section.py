@@ -82,7 +82,8 @@ def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_tab
         nexus_lines.append(f"- {point.name}: NEXUS {nexus['params']['student']:,} params "
                            f"({nexus['params']['ratio']:.3f}), {tr['steps']} distill steps, {tr['tokens']:,} "
                            f"student tokens, min {fmt_ci(nexus['min'])} (`python bench/size_sweep.py --points "
-                           f"{point.name} --methods nexus {' '.join(names)} --results-dir bench/results/{folder.name}`;"
+                           f"{point.name} --methods nexus {' '.join(names)} --steps {tr['steps']} "
+                           f"--results-dir bench/results/{folder.name}`;"
                            f" torch {nexus.get('torch', '?')}, {nexus.get('threads', '?')} thread(s))")
     if not rows and not not_run:
         return []

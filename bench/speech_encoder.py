@@ -414,6 +414,7 @@ def main():
     standalone = standalone_check(ckpt, eval_wavs, rows)
     seconds["standalone_check"] = time.time() - t0
     log(f"fresh process without NEXUS: {standalone}")
+    phase_done("evaluate_and_save")  # not planned: measured so that a full run shows where its peak falls
 
     result = {
         "teacher": "faster-whisper-base (CTranslate2 -> transformers WhisperForConditionalGeneration), bf16 autocast",

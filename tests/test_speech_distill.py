@@ -1,13 +1,28 @@
 """The speech student's build, capability-weighted pruning and distillation steps, on a tiny random Whisper."""
 
+import shutil
+
 import pytest
 import torch
 from test_ctranslate2_whisper import tiny_whisper, tiny_whisper_tokenizer
 
 from nexus.conversion.speech_distill import (
-    SpeechExample, distil_speech, spoken_sentences, word_accuracy, word_errors)
-from nexus.conversion.speech_prune import allocate_units, audio_encoder_parameter_count, prune_audio_encoder, speech_unit_scores
-from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids
+    SpeechExample,
+    distil_speech,
+    spoken_sentences,
+    word_accuracy,
+    word_errors,
+)
+from nexus.conversion.speech_prune import (
+    allocate_units,
+    audio_encoder_parameter_count,
+    prune_audio_encoder,
+    speech_unit_scores,
+)
+from nexus.conversion.speech_student import (
+    speech_student_from_whisper,
+    whisper_prompt_ids,
+)
 
 
 @pytest.fixture()
@@ -114,3 +129,14 @@ def test_hidden_state_loss_weights_speech_and_padding_apart():
     weighted = HiddenStateLoss(speech_weight=0.75)(student, teacher, 2)
     assert weighted == pytest.approx(0.75 * 8 / 72)  # the padding is exact: only the speech term remains
     assert HiddenStateLoss(speech_weight=0.75)(student, teacher, 0) == pytest.approx(plain)  # unknown: plain
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (setup.sh installs it)")
+def test_synthesized_clips_are_named_by_their_words(tmp_path):
+    from nexus.conversion.speech_distill import synthesize
+
+    first = synthesize(["one two three", "four five six"], tmp_path)
+    again = synthesize(["one two three", "seven eight nine"], tmp_path)  # index 1 now holds other words
+    assert first[0] == again[0] and first[1] != again[1]
+    assert first[1].read_bytes() != again[1].read_bytes()  # a new clip, not the stale one
+    assert [p.name[:5] for p in again] == ["0000-", "0001-"]

@@ -4,6 +4,7 @@ speech tower (its own token space), the speech processor loads from the subfolde
 nothing written."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -151,6 +152,7 @@ def test_one_tower_text_student_gets_a_router(sources, tmp_path):
     ("no_encoder", r"needs exactly one whisper_audio encoder"),
     ("already", r"already has encoder\(s\) \['speech'\]"),
     ("clash", r"capability 'speech' is served by both students"),
+    ("no_processor", r"no processor \(preprocessor_config.json and a tokenizer\)"),
 ])
 def test_bad_pairs_are_refused_and_nothing_is_written(case, match, sources, attached, tmp_path):
     text, speech = sources
@@ -160,6 +162,10 @@ def test_bad_pairs_are_refused_and_nothing_is_written(case, match, sources, atta
         speech = text
     elif case == "already":
         text = attached[1]
+    elif case == "no_processor":
+        speech = tmp_path / "bare-speech"
+        shutil.copytree(sources[1], speech)
+        (speech / "preprocessor_config.json").unlink()
     else:
         text = text_student(tmp_path / "clash", towers=1, speech_capability=True)
     with pytest.raises(AttachSpeechError, match=match):

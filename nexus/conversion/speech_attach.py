@@ -154,17 +154,14 @@ def exactness(model, text_model, speech_model, seed=0):
             "text_ids_shape": list(ids.shape), "speech_frames": frames}
 
 
-def copy_speech_processor(speech, dst):
-    """The speech student's feature extractor and tokenizer files into ``dst`` (which is created)."""
+def speech_processor_files(speech):
+    """The speech student's feature extractor and tokenizer files; refused when either is missing."""
     files = [Path(speech) / n for n in PROCESSOR_FILES if (Path(speech) / n).is_file()]
     names = {p.name for p in files}
     if "preprocessor_config.json" not in names or not names & {"tokenizer.json", "vocab.json"}:
         raise AttachSpeechError(f"speech student {speech}: no processor (preprocessor_config.json and a tokenizer) to "
                                 "carry over")
-    dst.mkdir(parents=True)
-    for path in files:
-        shutil.copy2(path, dst / path.name)
-    return sorted(names)
+    return files
 
 
 def attach_speech(text, speech, out, overwrite=False) -> dict:
@@ -177,6 +174,7 @@ def attach_speech(text, speech, out, overwrite=False) -> dict:
     text_config, speech_config = NexusConfig.from_pretrained(text), NexusConfig.from_pretrained(speech)
     _, speech_tower = _speech_parts(speech_config, str(speech))
     _check_text(text_config, str(text), speech_tower, speech_config.hidden_size)
+    processor = speech_processor_files(speech)
     config = attached_config(text_config, speech_config)
     text_tensors, speech_tensors = read_student_tensors(text), read_student_tensors(speech)
     tensors = attached_state(text_tensors, speech_tensors, text_config, text_config.hidden_size)
@@ -194,7 +192,6 @@ def attach_speech(text, speech, out, overwrite=False) -> dict:
     text_model = checked_from_pretrained(NexusForCausalLM, text, what="text student", dtype=torch.float32).eval()
     speech_model = checked_from_pretrained(NexusForCausalLM, speech, what="speech student",
                                            dtype=torch.float32).eval()
-    model.float()
     checks = exactness(model, text_model, speech_model)
     worst = max(checks["text_max_abs_logit_diff"], checks["speech_max_abs_logit_diff"])
     if not worst <= TOLERANCE:
@@ -207,7 +204,9 @@ def attach_speech(text, speech, out, overwrite=False) -> dict:
             if path.is_file() and path.suffix not in (".safetensors", ".py") and path.name not in SKIPPED_FILES:
                 shutil.copy2(path, tmp / path.name)
         model.save_pretrained(tmp)  # config with auto_map, safetensors and this NEXUS's modeling files
-        processor_files = copy_speech_processor(speech, tmp / SPEECH_SUBFOLDER)
+        (tmp / SPEECH_SUBFOLDER).mkdir()
+        for path in processor:
+            shutil.copy2(path, tmp / SPEECH_SUBFOLDER / path.name)
         checked_from_pretrained(NexusForCausalLM, tmp, what="attached student", dtype=None)
         capabilities = read_student_capabilities(text)  # the text capabilities' probes and data, as they were
         if capabilities is not None:
@@ -224,7 +223,7 @@ def attach_speech(text, speech, out, overwrite=False) -> dict:
                        "text_student": sum(p.numel() for p in text_model.parameters()),
                        "speech_student": sum(p.numel() for p in speech_model.parameters())},
             "added_params": sum(int(t.numel()) for t in tensors.values()) - sum(sizes.values()),
-            "speech_processor": {"subfolder": SPEECH_SUBFOLDER, "files": processor_files},
+            "speech_processor": {"subfolder": SPEECH_SUBFOLDER, "files": sorted(p.name for p in processor)},
             "exactness": {**checks, "tolerance": TOLERANCE},
             "student_hashes": {"text": checked_text["note"], "speech": checked_speech["note"]},
         }

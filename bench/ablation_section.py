@@ -62,10 +62,13 @@ def localisation_section(folder, load_compare, paired_delta, verdict, fmt_ci, md
             + ablation_lines(rows, not_run, md_table))
 
 
-def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_table) -> list:
+def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, reference=None) -> list:
     """Ablations re-measured with their own NEXUS run in ``folder`` (``size_sweep.py --points P --methods nexus
     ABLATION --results-dir folder``): both arms ran on one machine with the same code and teachers, so they pair with
-    each other and not with the committed sweep (whose teachers were trained, and teacher rows scored, elsewhere)."""
+    each other and not with the committed sweep (whose teachers were trained, and teacher rows scored, elsewhere).
+    When that NEXUS run used another distill step count than ``reference``'s (the committed sweep) at its point and
+    the two pair item by item (`paired_delta`: equal teacher rows and base recipe), the step count's effect is given
+    too."""
     folder = Path(folder)
     points = sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: float(p.name)) if folder.is_dir() else []
     rows, not_run, nexus_lines = [], [], []
@@ -85,6 +88,13 @@ def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_tab
                            f"{point.name} --methods nexus {' '.join(names)} --steps {tr['steps']} "
                            f"--results-dir bench/results/{folder.name}`;"
                            f" torch {nexus.get('torch', '?')}, {nexus.get('threads', '?')} thread(s))")
+        base = load_compare(Path(reference) / point.name).get("nexus") if reference else None
+        delta = paired_delta(nexus, base) if base and base["train"]["steps"] != tr["steps"] else None
+        if delta:
+            caps = ", ".join(f"{c} {fmt_ci(d, signed=True)}" for c, d in delta["per_capability"].items())
+            nexus_lines.append(f"  - against the committed sweep's NEXUS at {base['train']['steps']} steps "
+                               f"({base['train']['tokens']:,} tokens, min {fmt_ci(base['min'])}): paired Δ min "
+                               f"{fmt_ci(delta['min'], signed=True)} ({caps})")
     if not rows and not not_run:
         return []
     return ([f"Re-measured in `bench/results/{folder.name}/`: NEXUS and the ablation ran again on one machine with "

@@ -117,7 +117,7 @@ def size_sweep_section(folder, load_compare, paired_delta, verdict, fmt_ci, md_t
         out += ["", "### Ablations on the Gemma case (issue 17, item 5): one NIWT part switched at a time", "",
                 *ablation_lines(ablations, ablations_not_run, md_table)]
     for extra in remeasured:  # ablations re-run with their own NEXUS arm elsewhere (size_sweep.py --results-dir)
-        lines = remeasured_lines(extra, load_compare, paired_delta, verdict, fmt_ci, md_table)
+        lines = remeasured_lines(extra, load_compare, paired_delta, verdict, fmt_ci, md_table, reference=folder)
         if lines:
             out += ["", *lines]
     measured = {(p.name, n) for p in points for n, r in load_compare(p).items() if r.get("status") == "done"}

@@ -306,7 +306,20 @@ def test_a_remeasured_ablation_pairs_with_its_own_nexus_run(compared, tmp_path):
     text = "\n".join(lines)
     delta = results.paired_delta(switched, nexus)
     assert delta is not None
-    assert "--methods nexus localisation_on --results-dir bench/results/again" in text
+    steps = nexus["train"]["steps"]
+    assert f"--methods nexus localisation_on --steps {steps} --results-dir bench/results/again" in text
+    assert "against the committed sweep" not in text  # no reference given
+    reference = tmp_path / "committed" / "0.25"
+    reference.mkdir(parents=True)
+    shorter = {**nexus, "train": {**nexus["train"], "steps": steps // 2}}
+    (reference / "nexus.json").write_text(json.dumps(shorter))
+    text = "\n".join(ablation.remeasured_lines(tmp_path / "again", results.load_compare, results.paired_delta,
+                                               results.verdict, results.fmt_ci, results.md_table,
+                                               reference=tmp_path / "committed"))
+    step_delta = results.paired_delta(nexus, shorter)
+    assert step_delta is not None
+    assert (f"against the committed sweep's NEXUS at {steps // 2} steps" in text
+            and f"paired Δ min {results.fmt_ci(step_delta['min'], signed=True)}" in text)
     row = next(line for line in text.splitlines() if line.startswith("| 0.25 | localisation ON"))
     assert results.fmt_ci(delta["min"], signed=True) in row and results.verdict(delta["min"]) in row
     (point / "nexus.json").unlink()

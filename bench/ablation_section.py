@@ -98,6 +98,7 @@ def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_tab
     if not rows and not not_run:
         return []
     return ([f"Re-measured in `bench/results/{folder.name}/`: NEXUS and the ablation ran again on one machine with "
-             "the same code and teachers, so they pair with each other (not with the table above, whose teachers "
-             "were trained and scored on another machine):", "", *nexus_lines, ""]
+             "the same code and teachers, so they pair with each other; they pair with the table above only where a "
+             "line below gives that paired Δ (the same teacher rows: same machine, same teachers):", "", *nexus_lines,
+             ""]
             + ablation_lines(rows, not_run, md_table))

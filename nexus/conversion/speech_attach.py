@@ -18,8 +18,9 @@ audio encoder and a ``whisper_decoder`` tower over Whisper's vocabulary) become 
 Zero padding keeps both students exact: before anything is written, text logits are compared with the text
 student's and audio-prefixed logits with the speech student's (``attach_speech.json`` records both maxima; above
 ``TOLERANCE`` nothing is written). Refused with one line: a folder that is not a NEXUS student, a "speech student"
-without exactly one audio encoder and one shared-vocabulary ``whisper_decoder`` tower, a text student that already
-has an encoder, a capability or tower name both serve, or a text hidden size narrower than the speech student's.
+without exactly one audio encoder and one shared-vocabulary ``whisper_decoder`` tower or without a processor
+(``preprocessor_config.json`` and a tokenizer), a text student that already has an encoder, a capability or tower
+name both serve, or a text hidden size narrower than the speech student's.
 The output is written all at once (`atomic_dir`), with ``nexus_hashes.json``; neither source is modified.
 """
 

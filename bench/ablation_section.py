@@ -62,16 +62,25 @@ def localisation_section(folder, load_compare, paired_delta, verdict, fmt_ci, md
             + ablation_lines(rows, not_run, md_table))
 
 
+def _distill_flag(record) -> str:
+    """The ``size_sweep.py --distill-tokens`` a record's base recipe was run with ('' when none)."""
+    distill = (record.get("base_overrides") or {}).get("distill") or {}
+    if "tokens" not in distill:
+        return ""
+    return f" --distill-tokens {'all' if distill['tokens'] is None else distill['tokens']}"
+
+
 def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, reference=None) -> list:
-    """Ablations re-measured with their own NEXUS run in ``folder`` (``size_sweep.py --points P --methods nexus
-    ABLATION --results-dir folder``): both arms ran on one machine with the same code and teachers, so they pair with
-    each other and not with the committed sweep (whose teachers were trained, and teacher rows scored, elsewhere).
-    When that NEXUS run used another distill step count than ``reference``'s (the committed sweep) at its point and
-    the two pair item by item (`paired_delta`: equal teacher rows and base recipe), the step count's effect is given
-    too."""
+    """Ablations and baselines re-measured with their own NEXUS run in ``folder`` (``size_sweep.py --points P
+    --methods nexus ABLATION --results-dir folder``): both arms ran on one machine with the same code and teachers, so
+    they pair with each other and not with the committed sweep (whose teachers were trained, and teacher rows scored,
+    elsewhere). When that NEXUS run used another distill step count than ``reference``'s (the committed sweep) at its
+    point and the two pair item by item (`paired_delta`: equal teacher rows and base recipe), the step count's effect
+    is given too. Baselines in the folder get their difference from NEXUS, and each ablation its difference from each
+    baseline (does the switched-on option close a gap to a baseline?)."""
     folder = Path(folder)
     points = sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: float(p.name)) if folder.is_dir() else []
-    rows, not_run, nexus_lines = [], [], []
+    rows, not_run, nexus_lines, baselines, versus = [], [], [], [], []
     for point in points:
         records = load_compare(point)
         nexus = records.get("nexus")
@@ -80,13 +89,26 @@ def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_tab
         r_rows, r_not_run = ablation_rows(point.name, records, paired_delta, verdict, fmt_ci)
         rows += r_rows
         not_run += r_not_run
-        names = [n for n, r in records.items() if r.get("group") == "ablation"]
+        names = [n for n, r in records.items() if r.get("group") in ("baseline", "ablation")]
+        done = {n: r for n, r in records.items() if n in names and r.get("status") == "done"}
+        for name, r in done.items():
+            if r.get("group") != "baseline":
+                continue
+            d = paired_delta(r, nexus)
+            baselines.append([point.name, name, fmt_ci(r["min"]), fmt_ci(d and d["min"], signed=True),
+                              verdict(d["min"]) if d else UNPAIRED])
+            for a_name, a in done.items():
+                if a.get("group") == "ablation":
+                    d = paired_delta(a, r)
+                    versus.append([point.name, a.get("label", a_name), name, fmt_ci(d and d["min"], signed=True),
+                                   {"**NEXUS better**": "**option better**", "**NEXUS worse**": "**baseline better**"}
+                                   .get(verdict(d["min"]), verdict(d["min"])) if d else UNPAIRED])
         tr = nexus["train"]
         nexus_lines.append(f"- {point.name}: NEXUS {nexus['params']['student']:,} params "
                            f"({nexus['params']['ratio']:.3f}), {tr['steps']} distill steps, {tr['tokens']:,} "
                            f"student tokens, min {fmt_ci(nexus['min'])} (`python bench/size_sweep.py --points "
-                           f"{point.name} --methods nexus {' '.join(names)} --steps {tr['steps']} "
-                           f"--results-dir bench/results/{folder.name}`;"
+                           f"{point.name} --methods nexus {' '.join(names)} --steps {tr['steps']}"
+                           f"{_distill_flag(nexus)} --results-dir bench/results/{folder.name}`;"
                            f" torch {nexus.get('torch', '?')}, {nexus.get('threads', '?')} thread(s))")
         base = load_compare(Path(reference) / point.name).get("nexus") if reference else None
         delta = paired_delta(nexus, base) if base and base["train"]["steps"] != tr["steps"] else None
@@ -95,10 +117,17 @@ def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_tab
             nexus_lines.append(f"  - against the committed sweep's NEXUS at {base['train']['steps']} steps "
                                f"({base['train']['tokens']:,} tokens, min {fmt_ci(base['min'])}): paired Δ min "
                                f"{fmt_ci(delta['min'], signed=True)} ({caps})")
-    if not rows and not not_run:
+    if not rows and not not_run and not baselines:
         return []
-    return ([f"Re-measured in `bench/results/{folder.name}/`: NEXUS and the ablation ran again on one machine with "
-             "the same code and teachers, so they pair with each other; they pair with the table above only where a "
-             "line below gives that paired Δ (the same teacher rows: same machine, same teachers):", "", *nexus_lines,
-             ""]
-            + ablation_lines(rows, not_run, md_table))
+    out = [f"Re-measured in `bench/results/{folder.name}/`: NEXUS and the ablation ran again on one machine with "
+           "the same code and teachers, so they pair with each other; they pair with the table above only where a "
+           "line below gives that paired Δ (the same teacher rows: same machine, same teachers):", "", *nexus_lines, ""]
+    if rows or not_run:
+        out += ablation_lines(rows, not_run, md_table)
+    if baselines:
+        out += ["", "Baseline minus NEXUS in this re-measurement, minimum retention, same items and resamples:", "",
+                md_table(["point", "baseline", "min [95% CI]", "Δ min vs NEXUS", "verdict"], baselines)]
+    if versus:
+        out += ["", "Switched-on option minus baseline in this re-measurement (minimum retention, paired):", "",
+                md_table(["point", "option", "baseline", "Δ min [95% CI]", "verdict"], versus)]
+    return out

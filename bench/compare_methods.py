@@ -641,6 +641,7 @@ def run_comparison(scale="bench", out=None, runs=None, teachers_dir=DEFAULT_TEAC
             continue
         body["base_recipe_sha256"] = base_sha
         body["resolved_recipe_sha256"] = resolved_sha
+        body["base_overrides"] = SCALES[scale].get("overrides", {})  # what the scale changed in the recipe file
         write_variant_json(out, variant, order, scale, body)
         results[name] = body
         m = body["min"]

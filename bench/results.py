@@ -519,7 +519,8 @@ def render(compare_dir: Path, out_dir: Path, md_path: Path, png_path: Path, gemm
 def sweep_lines(out_dir: Path) -> list:
     return size_sweep_md.size_sweep_section(out_dir / "size_sweep", load_compare, paired_delta, verdict, fmt_ci,
                                             md_table, png_name="RESULTS_size_sweep.png",
-                                            remeasured=[out_dir / "size_sweep_localise", out_dir / "size_sweep_300"])
+                                            remeasured=[out_dir / "size_sweep_localise", out_dir / "size_sweep_300",
+                                                        out_dir / "size_sweep_all_text"])
 
 
 def claims_lines(out_dir: Path) -> list:

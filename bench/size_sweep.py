@@ -23,6 +23,13 @@ Writes one JSON per point and method under ``bench/results/size_sweep/<point>/``
 (retention vs parameters: the minimum over the three capabilities per method, and NEXUS per capability, with 95%
 CIs). A finished (point, method) is reused unless ``--force``; stage folders under ``bench/out/size-sweep-runs/``.
 
+``--distill-tokens all`` (or a count) replaces the recipe's ``distill.tokens`` cap for every arm, a change of the base
+recipe: its runs go to a ``--results-dir`` of their own and pair only with each other (RESULTS.md renders each
+baseline there against that folder's NEXUS, and each switched-on option against each baseline):
+
+    python bench/size_sweep.py --points 0.25 --methods nexus minitron_kd manifold_on --distill-tokens all \
+        --results-dir bench/results/size_sweep_all_text
+
 ``--long`` runs the arm with ``LONG_STEPS`` distill steps (issue 16's budget: >= 1M student training tokens at the two
 larger points; each run records the tokens it saw) into ``bench/results/size_sweep/<point>/long/``, beside the
 default-budget runs, so paired comparisons stay between runs of one budget.
@@ -74,11 +81,29 @@ def point_folder(point, long=False):
     return OUT / f"{point:g}" / (LONG if long else "")
 
 
-def register_point(point, steps, long=False):
+def register_point(point, steps, long=False, distill=None):
+    """``distill``: options over the recipe's distill section for every arm (``--distill-tokens``); they change the
+    base recipe, so such runs pair only with each other (their own ``--results-dir``)."""
+    overrides = {"student_build": POINTS[point]["student_build"]}
+    if distill:
+        overrides["distill"] = distill
     compare_methods.SCALES[scale_name(point, long)] = {
         "recipe": RECIPE, "steps": steps, "out": point_folder(point, long),
         "runs": RUNS / (f"{point:g}-{LONG}" if long else f"{point:g}"),
-        "groups": ("nexus", "baseline", "ablation"), "overrides": {"student_build": POINTS[point]["student_build"]}}
+        "groups": ("nexus", "baseline", "ablation"), "overrides": overrides}
+
+
+def distill_tokens(value):
+    """``--distill-tokens``: ``all`` (every chunk of each capability's training text) or a positive token count."""
+    if value == "all":
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a positive token count, got {value!r}")
+    return tokens
 
 
 def add_general_text(point, method, force=False, long=False):
@@ -180,6 +205,9 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="distill steps at every point (default: POINTS)")
     parser.add_argument("--long", action="store_true",
                         help=f"the >= 1M-token budget: {LONG_STEPS} steps, results under <point>/{LONG}/")
+    parser.add_argument("--distill-tokens", type=distill_tokens, default=False, metavar="N|all",
+                        help="every arm's distill.tokens (training text per capability; the recipe caps it): 'all' "
+                             "or a count. A base-recipe change: use it with --results-dir")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -191,6 +219,9 @@ def main():
     global OUT, SUMMARY, PLOT
     if args.results_dir is not None:
         OUT, SUMMARY, PLOT = args.results_dir, args.results_dir / "size_sweep.json", args.results_dir / "size_sweep.png"
+    if args.distill_tokens is not False and args.results_dir is None:
+        parser.error("--distill-tokens changes the base recipe: give it a --results-dir of its own (its runs pair "
+                     "only with each other)")
     unknown = [p for p in args.points if p not in POINTS]
     if unknown:
         raise SystemExit(f"error: --points {unknown}: not in {list(POINTS)} (add a row to POINTS)")
@@ -199,7 +230,8 @@ def main():
 
         for point in args.points:
             steps = args.steps or (LONG_STEPS if args.long else POINTS[point]["steps"])
-            register_point(point, steps, args.long)
+            register_point(point, steps, args.long,
+                           None if args.distill_tokens is False else {"tokens": args.distill_tokens})
             compare_methods.run_comparison(scale_name(point, args.long), only=args.methods, force=args.force,
                                            steps=steps, console=Console(width=200),
                                            show_progress=not args.no_progress)

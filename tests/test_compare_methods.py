@@ -327,3 +327,61 @@ def test_a_remeasured_ablation_pairs_with_its_own_nexus_run(compared, tmp_path):
                                      results.verdict, results.fmt_ci, results.md_table) == []
     assert ablation.remeasured_lines(tmp_path / "missing", results.load_compare, results.paired_delta,
                                      results.verdict, results.fmt_ci, results.md_table) == []
+
+
+def test_a_remeasurement_with_baselines_pairs_each_against_nexus_and_each_option(compared, tmp_path):
+    """A re-measurement on another base recipe (size_sweep.py --distill-tokens all --results-dir D) holding a baseline
+    and a switched-on option: the baseline gets its paired difference from NEXUS, the option its difference from the
+    baseline, and the command that made them names the recipe change."""
+    _, root, _, _ = compared
+    results, ablation = load_bench("results"), load_bench("ablation_section")
+    nexus = {**_record(root, "nexus"), "base_overrides": {"distill": {"tokens": None}}}
+    dense = {**_record(root, "fusellm_dense_kd"), "base_overrides": nexus["base_overrides"]}
+    option = {**dense, "variant": "manifold_on", "group": "ablation", "label": "manifold ON"}
+    baseline = {**nexus, "variant": "minitron_kd", "group": "baseline",
+                "min": {**nexus["min"], "value": nexus["min"]["value"] + 0.5}}  # a different headline, same items
+    point = tmp_path / "all_text" / "0.25"
+    point.mkdir(parents=True)
+    for name, record in (("nexus", nexus), ("minitron_kd", baseline), ("manifold_on", option)):
+        (point / f"{name}.json").write_text(json.dumps(record))
+    text = "\n".join(ablation.remeasured_lines(tmp_path / "all_text", results.load_compare, results.paired_delta,
+                                               results.verdict, results.fmt_ci, results.md_table))
+    assert (f"--methods nexus minitron_kd manifold_on --steps {nexus['train']['steps']} --distill-tokens all "
+            "--results-dir bench/results/all_text" in text)
+    vs_nexus = results.paired_delta(baseline, nexus)
+    row = next(line for line in text.splitlines() if line.startswith("| 0.25 | minitron_kd |"))
+    assert results.fmt_ci(baseline["min"]) in row and results.fmt_ci(vs_nexus["min"], signed=True) in row
+    vs_baseline = results.paired_delta(option, baseline)
+    assert vs_baseline is not None
+    row = next(line for line in text.splitlines() if line.startswith("| 0.25 | manifold ON | minitron_kd |"))
+    assert results.fmt_ci(vs_baseline["min"], signed=True) in row
+    # a baseline of another base recipe is listed but not paired
+    (point / "minitron_kd.json").write_text(json.dumps({**baseline, "base_recipe_sha256": "0" * 64}))
+    text = "\n".join(ablation.remeasured_lines(tmp_path / "all_text", results.load_compare, results.paired_delta,
+                                               results.verdict, results.fmt_ci, results.md_table))
+    row = next(line for line in text.splitlines() if line.startswith("| 0.25 | minitron_kd |"))
+    assert row.endswith(f"| {ablation.UNPAIRED} |")
+
+
+def test_the_size_sweep_takes_all_of_the_text_only_into_a_folder_of_its_own(capsys):
+    """--distill-tokens changes every arm's base recipe: 'all' or a positive count, and only with --results-dir (the
+    runs pair only with each other); a bad value names itself."""
+    sweep = load_bench("size_sweep")
+    assert sweep.distill_tokens("all") is None and sweep.distill_tokens("5000") == 5000
+    for bad in ("0", "-3", "lots"):
+        with pytest.raises(Exception, match=f"got '{bad}'"):
+            sweep.distill_tokens(bad)
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["size_sweep.py", "--points", "0.25", "--methods", "nexus", "--distill-tokens", "all"]
+    try:
+        with pytest.raises(SystemExit):
+            sweep.main()
+    finally:
+        sys.argv = argv
+    assert "--results-dir" in capsys.readouterr().err
+    sweep.register_point(0.25, 100, distill={"tokens": None})
+    scale = sweep.compare_methods.SCALES["sweep-0.25"]
+    assert scale["overrides"]["distill"] == {"tokens": None}
+    assert "budget_fraction" in scale["overrides"]["student_build"]

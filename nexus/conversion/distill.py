@@ -107,8 +107,8 @@ class DistillOptions(BaseModel):
                                               description="in-process preservation: off / lr_scale / anchor")
     preservation_batches: int = Field(2, ge=1, description="steps of training batches the Taylor importance uses")
     keep_best: bool = Field(True, description="score the held-out cross-entropy at every checkpoint step and end "
-                                              "with the best-scored weights, not the last (a long run on a small "
-                                              "text overfits it)")
+                                              "with the best-scored weights, not the last (the curve is in "
+                                              "distill.json: train.evaluations)")
     lmc: bool = Field(True, description="walk the init -> distilled path and keep the best alpha")
     lmc_points: int = Field(6, ge=2, description="alphas on the LMC path")
     checkpoint_every: int = Field(50, ge=1, description="engine checkpoint every N steps (exact resume)")

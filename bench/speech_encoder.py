@@ -6,9 +6,12 @@
    held-out clips from `prose_heldout.txt` then `code_heldout.txt` (no sentence shared).
 3. Student: `speech_student_from_whisper` (Whisper's encoder, an identity projector and a `whisper_decoder` tower,
    all copied exactly: the bench checks the copy's logits against Whisper's), then capability-weighted pruning of
-   the encoder's heads and FFN neurons (`speech_prune`) down to `--budget` of Whisper's encoder parameters
-   (projector included), then `distil_speech`: hidden-state distillation, then hidden-state distillation plus
-   transcription KD through the (frozen) tower. The teacher is freed before training (one resident at a time).
+   the encoder's heads and FFN neurons (`speech_build.prune_to_budget`) down to `--budget` of Whisper's encoder
+   parameters (projector included), then `speech_build.distil_student`: hidden-state distillation, then hidden-state
+   distillation plus transcription KD through the (frozen) tower. The teacher is freed before training (one resident
+   at a time). These are the steps of `nexus speech-student WHISPER CLIPS --out OUT` (`speech_build.py`), which a
+   user runs on their own clips; the bench adds the cached teacher passes, the copy check and the fresh-process
+   check.
 4. Probe: word error rate of the student (`model.transcribe`) and of Whisper (greedy) on the same held-out clips;
    retention = student word accuracy / Whisper word accuracy, with a paired bootstrap 95% CI over clips.
 
@@ -33,14 +36,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paths import ARTEFACTS, RESULTS  # noqa: E402
 
 from nexus.conversion.atomic_output import atomic_file  # noqa: E402
-from nexus.conversion.bootstrap import bootstrap_ci, ratio, ratio_ci  # noqa: E402
 from nexus.conversion.ctranslate2_whisper import (  # noqa: E402
     join_parts,
     read_ctranslate2_model,
@@ -48,23 +49,20 @@ from nexus.conversion.ctranslate2_whisper import (  # noqa: E402
     whisper_from_ctranslate2,
 )
 from nexus.conversion.peak_rss import current_rss, peak_rss, reset_peak_rss  # noqa: E402
+from nexus.conversion.speech_build import (  # noqa: E402
+    SpeechBuildOptions,
+    distil_student,
+    evaluate_heldout,
+    prune_to_budget,
+)
 from nexus.conversion.speech_distill import (  # noqa: E402
-    distil_speech,
     load_examples,
     save_examples,
     spoken_sentences,
     synthesize,
     teacher_pass,
-    word_accuracy,
-    word_errors,
 )
 from nexus.conversion.speech_memory import plan_speech_ram  # noqa: E402
-from nexus.conversion.speech_prune import (  # noqa: E402
-    allocate_units,
-    audio_encoder_parameter_count,
-    prune_audio_encoder,
-    speech_unit_scores,
-)
 from nexus.conversion.speech_student import speech_student_from_whisper, whisper_prompt_ids  # noqa: E402
 from nexus.conversion.stage_memory import check_stage_plan, machine_ram_bytes  # noqa: E402
 from nexus.hub.fresh_load import fresh_process_transcripts  # noqa: E402
@@ -154,38 +152,6 @@ def copy_check(student, whisper, fe, wavs, examples, spec):
     return {"clips": len(wavs), "max_abs_feature_diff": feat_diff, "max_abs_logit_diff": logit_diff}
 
 
-def evaluate(student, fe, tokenizer, eval_wavs, held):
-    """Transcribe every held-out clip with the student; word accuracies, retention (paired bootstrap CI), the
-    encoder's held-out hidden-state error, and the per-clip items. Returns {"rows": [...], "fields": {...}}."""
-    rows, rel = [], []
-    for wav, ex in zip(eval_wavs, held):
-        hyp = student.transcribe(str(wav), fe, tokenizer, max_new_tokens=64)
-        rows.append({"reference": ex.reference, "whisper": ex.transcript, "student": hyp,
-                     "whisper_errors": word_errors(ex.reference, ex.transcript),
-                     "student_errors": word_errors(ex.reference, hyp)})
-        with torch.no_grad():
-            _, states = student.model.encoders[0](ex.features)
-        t, n = ex.teacher_states.float(), ex.speech_positions
-        rel.append([float((states[0, :m].float() - t[:m]).pow(2).sum() / t[:m].pow(2).sum()) for m in (None, n)])
-    s_items = np.array([r["student_errors"] for r in rows], dtype=float)
-    t_items = np.array([r["whisper_errors"] for r in rows], dtype=float)
-    s_acc, t_acc = word_accuracy(s_items), word_accuracy(t_items)
-    fields = {
-        "whisper_word_accuracy": t_acc, "whisper_word_accuracy_ci95": bootstrap_ci(t_items, n=2000, stat=word_accuracy),
-        "whisper_wer": 1 - t_acc,
-        "student_word_accuracy": s_acc, "student_word_accuracy_ci95": bootstrap_ci(s_items, n=2000, stat=word_accuracy),
-        "student_wer": 1 - s_acc,
-        "retention": ratio(s_items, t_items, stat=word_accuracy),
-        "retention_ci95": list(ratio_ci(s_items, t_items, stat=word_accuracy, n=2000)),
-        "heldout_hidden_relative_error": float(np.mean([r[0] for r in rel])),
-        "heldout_hidden_relative_error_speech_positions": float(np.mean([r[1] for r in rel])),
-        "samples": rows[:8],
-        # every held-out clip, in order: [student errors, Whisper errors, reference words] (paired comparisons)
-        "items": [[r["student_errors"][0], r["whisper_errors"][0], r["whisper_errors"][1]] for r in rows],
-    }
-    return {"rows": rows, "fields": fields}
-
-
 def standalone_check(ckpt, eval_wavs, rows):
     """The checkpoint stands alone: the same transcripts in a process that cannot import NEXUS."""
     texts, module = fresh_process_transcripts(ckpt, eval_wavs[:3])
@@ -216,7 +182,7 @@ def reevaluate(args, eval_wavs, eval_text):
     prompt, spec = whisper_prompt_ids(tokenizer), student.config.encoders[0]
     held = cached_teacher_pass(None, tokenizer, fe, eval_wavs, eval_text, prompt, spec, "heldout")
     t0 = time.time()
-    scores = evaluate(student, fe, tokenizer, eval_wavs, held)
+    scores = evaluate_heldout(student, fe, tokenizer, eval_wavs, held)
     result.update(scores["fields"])
     result["clips"].update(heldout=len(eval_wavs), text=HELDOUT_TEXT)
     result["standalone_check"] = standalone_check(ckpt, eval_wavs, scores["rows"])
@@ -346,7 +312,6 @@ def main():
     prompt = whisper_prompt_ids(tokenizer)
     student = speech_student_from_whisper(whisper, tokenizer)
     spec = student.config.encoders[0]
-    whisper_enc_params = sum(p.numel() for p in whisper.model.encoder.parameters())
     train, held = (cached_teacher_pass(whisper, tokenizer, fe, wavs, text, prompt, spec, part)
                    for wavs, text, part in ((train_wavs, train_text, "train"), (eval_wavs, eval_text, "heldout")))
     seconds["teacher_pass"] = time.time() - t0
@@ -358,39 +323,21 @@ def main():
 
     # capability-weighted importance on the speech capability, then pruning to the budget
     t0 = time.time()
-    calib = []
-    for ex in train[: args.calibration]:
-        labels = torch.tensor([prompt + tokenizer(" " + ex.reference, add_special_tokens=False).input_ids
-                               + [tokenizer.eos_token_id]])
-        calib.append((ex.features, labels))
-    scores = speech_unit_scores(student.model.encoders[0], whisper, calib)
-    budget = int(args.budget * whisper_enc_params)
-    keep = allocate_units(student.model.encoders[0], scores, budget, hidden_size=student.config.hidden_size)
-    student = prune_audio_encoder(student, keep)
+    student, pruned = prune_to_budget(student, whisper, train, tokenizer, prompt, args.budget, args.calibration)
     phase_done("prune")
     del whisper  # one teacher resident at a time: training needs only the cached teacher outputs
     seconds["prune"] = time.time() - t0
     spec = student.config.encoders[0]
-    student_enc_params = sum(p.numel() for p in student.model.encoders[0].parameters())
-    student_proj_params = sum(p.numel() for p in student.model.encoders[0].projector.parameters())
-    assert student_enc_params == audio_encoder_parameter_count(spec, student.config.hidden_size)
-    widths = [(layer["num_attention_heads"], layer["intermediate_size"]) for layer in spec["layers"]]
-    log(f"pruned encoder: {student_enc_params / 1e6:.2f}M params with projector "
-        f"({student_enc_params / whisper_enc_params:.3f} of Whisper's {whisper_enc_params / 1e6:.2f}M); "
-        f"(heads, ffn) per layer {widths}")
+    log(f"pruned encoder: {pruned['student_encoder_params_with_projector'] / 1e6:.2f}M params with projector "
+        f"({pruned['params_ratio_with_projector']:.3f} of Whisper's {pruned['whisper_encoder_params'] / 1e6:.2f}M); "
+        f"(heads, ffn) per layer {pruned['student_encoder_widths_heads_ffn']}")
 
     t0 = time.time()
-    encoder_log = distil_speech(student, train, steps=args.encoder_steps, encoder_lr=args.encoder_lr,
-                                weights=(1.0, 0.0, 0.0), accumulate=args.accumulate, progress=log, log_every=25,
-                                speech_weight=args.speech_weight)
-    seconds["hidden_state_distillation"] = time.time() - t0
-    log("hidden-state distillation done")
-    t0 = time.time()
-    train_log = distil_speech(student, train, steps=args.steps, lr=args.lr, encoder_lr=args.encoder_lr,
-                              accumulate=args.accumulate, train_tower=args.train_tower, progress=log,
-                              log_every=10, speech_weight=args.speech_weight) if args.steps else []
-    seconds["transcription_kd"] = time.time() - t0
-    log("transcription KD done")
+    logs = distil_student(student, train, SpeechBuildOptions(
+        encoder_steps=args.encoder_steps, steps=args.steps, accumulate=args.accumulate, lr=args.lr,
+        encoder_lr=args.encoder_lr, train_tower=args.train_tower, speech_weight=args.speech_weight), progress=log)
+    seconds["distillation"] = time.time() - t0
+    log("distillation done")
     phase_done("train")
     log("peak RSS per phase (MiB): " + ", ".join(f"{k} {v:,.0f} (plan {plan['phases'][k] / 2**20:,.0f})"
                                                    for k, v in measured.items()))
@@ -398,7 +345,7 @@ def main():
         return plan_only(args, plan, measured)
 
     t0 = time.time()
-    scores = evaluate(student, fe, tokenizer, eval_wavs, held)
+    scores = evaluate_heldout(student, fe, tokenizer, eval_wavs, held)
     seconds["evaluation"] = time.time() - t0
     log("evaluation done")
     rows = scores["rows"]
@@ -423,28 +370,15 @@ def main():
         "unpruned_copy_check": copy,
         "standalone_check": standalone,
         **scores["fields"],
-        "whisper_encoder_params": whisper_enc_params,
-        "student_encoder_params_with_projector": student_enc_params,
-        "student_projector_params": student_proj_params,
-        "params_ratio_with_projector": student_enc_params / whisper_enc_params,
-        "params_ratio_encoder_only": (student_enc_params - student_proj_params) / whisper_enc_params,
+        **pruned,
         "student_total_params": total,
-        "student_encoder_widths_heads_ffn": widths,
         "tower": "whisper_decoder (Whisper's decoder, copied exactly; "
                  + ("trained" if args.train_tower else "frozen") + ")",
-        "pruning": "capability-weighted (CapabilityScorer: Taylor + activation on Whisper's transcription loss of "
-                   f"{len(calib)} spoken calibration clips), dynamic allocation of heads and FFN neurons",
-        "hidden_state_distillation": {"steps": args.encoder_steps, "clips_per_step": args.accumulate,
-                                      "speech_weight": args.speech_weight,
-                                      "encoder_lr": args.encoder_lr, "first": encoder_log[:1],
-                                      "last": encoder_log[-3:]},
-        "distillation": {"steps": args.steps, "clips_per_step": args.accumulate, "lr": args.lr,
-                         "encoder_lr": args.encoder_lr, "train_tower": args.train_tower,
-                         "first": train_log[:1], "last": train_log[-3:]},
+        **logs,
         "seconds": seconds, "threads": args.threads, "ram_plan": plan, "measured_phase_peak_mib": measured,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process: no stage resets
         "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters",
-        "goal_met": bool(scores["fields"]["retention"] >= 0.90 and student_enc_params <= 0.25 * whisper_enc_params),
+        "goal_met": bool(scores["fields"]["retention"] >= 0.90 and pruned["params_ratio_with_projector"] <= 0.25),
     }
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2))

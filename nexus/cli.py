@@ -59,6 +59,8 @@ from .add_teacher_command import add_teacher  # noqa: E402
 app.command("add-teacher")(add_teacher)
 from .attach_speech_command import attach_speech  # noqa: E402
 app.command("attach-speech")(attach_speech)
+from .speech_student_command import speech_student  # noqa: E402
+app.command("speech-student")(speech_student)
 
 
 if __name__ == "__main__":

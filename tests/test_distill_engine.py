@@ -386,3 +386,58 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
     assert not ckpt.model.gradient_checkpointing
     wa, wb = weights(plain), weights(ckpt)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------------------- keeping the best weights
+
+
+def test_the_best_scored_checkpoint_is_kept_and_survives_a_resume(tmp_path):
+    """``evaluate`` scores the model at every checkpoint step; the run ends with the weights of the lowest score (here
+    step 2 of 6, a stand-in for a held-out loss that rises as a run overfits), resumed runs keep the scores, and
+    without ``evaluate`` the last weights stay."""
+    opts = EngineOptions(steps=6, lr=1e-2, checkpoint_every=2, keep_last=1)
+    scores = {2: 1.0, 4: 3.0, 6: 2.0}  # by step: the best is step 2
+
+    def scorer(seen):
+        def evaluate(model):
+            assert not model.training  # scored in eval mode
+            step = 2 * (len(seen) + 1)
+            seen.append(weights(model))
+            return scores[step]
+        return evaluate
+
+    last = tiny_student(0)
+    plain = run(last, opts, tmp_path / "plain")
+    assert plain["evaluations"] == [] and plain["best"] is None and not plain["restored_best"]
+
+    seen = []
+    model = tiny_student(0)
+    log = run(model, opts, tmp_path / "best", evaluate=scorer(seen))
+    assert log["evaluations"] == [[2, 1.0], [4, 3.0], [6, 2.0]]
+    assert log["best"] == {"step": 2, "score": 1.0} and log["restored_best"]
+    got, at_two, at_six = weights(model), seen[0], seen[2]
+    assert all(torch.equal(got[k], at_two[k]) for k in got)
+    assert not all(torch.equal(at_six[k], at_two[k]) for k in got)  # (the weights did move after step 2)
+    assert all(torch.equal(at_six[k], v) for k, v in weights(last).items())  # evaluating changes no trajectory
+    assert json.loads((tmp_path / "best" / "best" / "best.json").read_text()) == {"step": 2, "score": 1.0}
+
+    # a crash after step 4's checkpoint: the resumed run keeps step 2's score and still ends with its weights
+    good = token_batches()
+
+    def crashing(i):
+        if i == 4:
+            raise RuntimeError("simulated crash")
+        return good(i)
+
+    seen_b = []
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tiny_student(0), opts, tmp_path / "b", batches=crashing, evaluate=scorer(seen_b))
+    resumed = tiny_student(seed=5)
+    log_b = run(resumed, opts, tmp_path / "b", evaluate=scorer(seen_b))
+    assert log_b["resumed_from"] == 4 and log_b["evaluations"] == log["evaluations"] and log_b["restored_best"]
+    assert all(torch.equal(v, got[k]) for k, v in weights(resumed).items())
+
+    # the best weights on disk must be the ones the trainer state names
+    (tmp_path / "best" / "best" / "best.json").write_text(json.dumps({"step": 4, "score": 3.0}))
+    with pytest.raises(RuntimeError, match="holds step 4"):
+        run(tiny_student(0), opts, tmp_path / "best", evaluate=scorer([]))

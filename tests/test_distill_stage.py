@@ -122,6 +122,12 @@ def test_distilled_student_loads_trains_and_reports_router_accuracy(straight):
             assert 0 < entry["train_alignment"]["aligned_fraction"] <= 1
     assert (out / "lmc" / "lmc.png").is_file() and summary["lmc"]["best_alpha"] in (0.0, 1.0)
     assert json.loads((out / "distill.json").read_text())["router_accuracy"] == router
+    # keep_best (the default): the held-out CE scored at each checkpoint step (2 and 4), the best one kept
+    train = summary["train"]
+    assert [s for s, _ in train["evaluations"]] == [2, 4]
+    best = min(train["evaluations"], key=lambda e: e[1])
+    assert train["best"] == {"step": best[0], "score": best[1]} and train["restored_best"] == (best[0] != STEPS)
+    assert summary["heldout_ce"]["distilled"] == pytest.approx(best[1], abs=1e-6)
     lines = (out / "engine" / "run_log.jsonl").read_text().splitlines()
     steps = [json.loads(ln) for ln in lines if '"loss"' in ln]
     assert len(steps) == STEPS and all("router" in s["parts"] and "kd" in s["parts"] for s in steps)

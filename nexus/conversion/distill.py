@@ -23,7 +23,8 @@
    the towers; the loss mix's ``router`` part; a one-tower student has no router and the part is off). Router
    accuracy is reported overall and per capability. Checkpoints every ``checkpoint_every`` steps and exact resume;
    the NaN/inf guard; in-process preservation (``preservation``: off / lr_scale / anchor, importance = first-order
-   Taylor on the first training batches).
+   Taylor on the first training batches). With ``keep_best`` (the default) the held-out cross-entropy is scored at
+   every checkpoint step and the stage goes on with the best-scored weights (``train.evaluations``, ``train.best``).
 5. **LMC** (`training.lmc`): the held-out cross-entropy (mean over capabilities) along the path init -> distilled;
    the student is the best alpha; ``lmc/lmc.json`` + ``lmc/lmc.png``.
 
@@ -105,6 +106,9 @@ class DistillOptions(BaseModel):
     preservation: PreservationOptions = Field(default_factory=PreservationOptions,
                                               description="in-process preservation: off / lr_scale / anchor")
     preservation_batches: int = Field(2, ge=1, description="steps of training batches the Taylor importance uses")
+    keep_best: bool = Field(True, description="score the held-out cross-entropy at every checkpoint step and end "
+                                              "with the best-scored weights, not the last (the curve is in "
+                                              "distill.json: train.evaluations)")
     lmc: bool = Field(True, description="walk the init -> distilled path and keep the best alpha")
     lmc_points: int = Field(6, ge=2, description="alphas on the LMC path")
     checkpoint_every: int = Field(50, ge=1, description="engine checkpoint every N steps (exact resume)")
@@ -655,8 +659,9 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
                      "rows")
         log = train_student(model, loss_module, batches, engine, out / "engine",
                             preservation=Preservation(_preservation_options(options.preservation), importance),
-                            forward=forward,
-                            resume=resume, progress=show_progress)
+                            forward=forward, resume=resume, progress=show_progress,
+                            evaluate=(lambda m: heldout_ce(m, heldout_groups))
+                            if options.keep_best and heldout_groups else None)
     else:  # every tower frozen and no router to train: the student init is the result
         console.print("  nothing to train: every tower is an exact copy of its teacher (freeze_exact_towers)")
         log = {"steps": 0, "tokens": 0, "wall_seconds": 0.0, "tokens_per_second": None, "skipped_steps": 0,
@@ -707,7 +712,8 @@ def run_distill(recipe: Recipe, student_init, profile=None, out=None, console=No
                                      "json", "png")} if lmc else None),
         "train": {k: log[k] for k in ("steps", "tokens", "wall_seconds", "tokens_per_second", "skipped_steps",
                                       "first_loss", "final_loss", "resumed_from", "preservation", "autocast",
-                                      "run_log")},
+                                      "run_log")}
+                 | {k: log.get(k) for k in ("evaluations", "best", "restored_best")},
         "frozen": frozen_params,
         "train_log": str(out / "engine" / "train_log.json"),
         "rows": {f"{g['teacher']}--{g['capability']}": len(g["rows"]) for g in groups},

@@ -79,13 +79,28 @@ def speech_section(path, md_table) -> list:
 
 
 def ram_lines(r, md_table, main=None) -> list:
-    """The speech path's RAM plan (`speech_memory.plan_speech_ram`) beside what a run measured per phase, and the
-    whole-process peak of ``main`` (the full run's record)."""
+    """The speech path's RAM plan (`speech_memory.plan_speech_ram`) beside what a run measured per phase, and, when
+    ``main`` (the full run's record) measured its phases too, its figures in columns of their own: a phase over its
+    plan is marked, and a measured phase the plan does not have is listed."""
     plan, measured = r["plan"], r.get("measured_phase_peak_mib") or {}
-    rows = [[name + (" (peak)" if name == plan["peak_phase"] else ""), f"{total / 2**20:,.0f}",
-             f"{measured[name]:,.0f}" if name in measured else "–",
-             f"{total / 2**20 / measured[name]:.2f}" if name in measured else "–"]
+    full = (main or {}).get("measured_phase_peak_mib") if main and "ram_plan" in main else None
+    full_plan = {k: v / 2**20 for k, v in main["ram_plan"]["phases"].items()} if full else {}
+
+    def cells(name, total):
+        row = [f"{measured[name]:,.0f}" if name in measured else "–",
+               f"{total / 2**20 / measured[name]:.2f}" if name in measured and total else "–"]
+        if full:
+            p = full_plan.get(name)
+            m = full.get(name)
+            row += [f"{p:,.0f}" if p else "not planned", f"{m:,.0f}" if m else "–",
+                    (f"{p / m:.2f}" + (" **under**" if p < m else "")) if p and m else "–"]
+        return row
+
+    rows = [[name + (" (peak)" if name == plan["peak_phase"] else ""), f"{total / 2**20:,.0f}", *cells(name, total)]
             for name, total in plan["phases"].items()]
+    if full:
+        rows += [[name, "not planned", "–", "–", "not planned", f"{m:,.0f}", "–"]
+                 for name, m in full.items() if name not in plan["phases"]]
     a = plan["assumptions"]
     head = (f"**Planned memory** (`{r['command']}`, `speech_ram_plan.json`; one teacher resident at a time: Whisper "
             f"is freed before training): {a['clips']} clips of {a['per_example_bytes'] / 2**20:.2f} MiB each "
@@ -101,12 +116,18 @@ def ram_lines(r, md_table, main=None) -> list:
                      "been re-scored since).")
         elif main and "ram_plan" in main:
             planned = main["ram_plan"]["total_bytes"] / 2**20
-            head += (f" The full run in `speech_encoder.json`: plan {planned:,.0f} MiB, whole-process peak "
-                     f"{main['peak_rss_mb']:,.0f} MiB.")
+            head += (f" The full run in `speech_encoder.json` ({main['hidden_state_distillation']['steps']} + "
+                     f"{main['distillation']['steps']} training steps, then evaluation and saving): plan "
+                     f"{planned:,.0f} MiB, whole-process peak {main['peak_rss_mb']:,.0f} MiB"
+                     + ("; its phases are the last three columns." if full else "."))
     elif "measured" in r:
         head += (f" The last full run measured a peak of {r['measured']['peak_rss_bytes'] / 2**20:,.0f} MiB; plan ÷ "
                  f"measured {r['measured']['plan_over_measured']:.2f}.")
-    return [head, "", md_table(["phase", "plan MiB", "measured MiB", "plan ÷ measured"], rows)]
+    columns = ["phase", "plan MiB", "measured MiB", "plan ÷ measured"]
+    if full:
+        columns = ["phase", "plan MiB", "check: measured MiB", "check: plan ÷ measured", "full run: plan MiB",
+                   "full run: measured MiB", "full run: plan ÷ measured"]
+    return [head, "", md_table(columns, rows)]
 
 
 def attach_lines(a, md_table) -> list:

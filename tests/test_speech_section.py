@@ -91,3 +91,25 @@ def test_ram_plan_and_attached_checkpoint_render(tmp_path):
     assert "plan's peak is 0.80× the largest measured phase" in text
     assert "6/7 transcripts identical to the speech student's" in text
     assert "towers gemma, arith)" in text and "**different text from**" in text
+
+
+def test_a_full_run_with_per_phase_peaks_gets_columns_of_its_own(tmp_path):
+    """The full run's phases beside its own plan: a phase measured above its plan is marked **under**, and a measured
+    phase the plan does not have is listed as not planned."""
+    section = load_bench("speech_section")
+    mib = 2**20
+    phases = {"convert": 100 * mib, "teacher": 300 * mib, "prune": 400 * mib, "train": 200 * mib}
+    main = {**record(0.9, True), "peak_rss_mb": 520.0,
+            "ram_plan": {"phases": phases, "total_bytes": 400 * mib, "peak_phase": "prune"},
+            "measured_phase_peak_mib": {"convert": 90.0, "teacher": 250.0, "prune": 380.0, "train": 260.0,
+                                        "evaluate_and_save": 520.0}}
+    plan = {"plan": {"phases": phases, "peak_phase": "prune", "total_bytes": 400 * mib,
+                     "assumptions": {"clips": 10, "per_example_bytes": 2 * mib}},
+            "command": "python bench/speech_encoder.py --memory-check",
+            "measured_phase_peak_mib": {"convert": 125.0, "teacher": 300.0, "prune": 500.0, "train": 250.0},
+            "peak_plan_over_measured": 0.8, "note": "N"}
+    text = "\n".join(section.ram_lines(plan, load_bench("results").md_table, main))
+    assert "| train | 200 | 250 | 0.80 | 200 | 260 | 0.77 **under** |" in text
+    assert "| prune (peak) | 400 | 500 | 0.80 | 400 | 380 | 1.05 |" in text
+    assert "| evaluate_and_save | not planned | – | – | not planned | 520 | – |" in text
+    assert "(600 + 300 training steps, then evaluation and saving): plan 400 MiB, whole-process peak 520 MiB" in text

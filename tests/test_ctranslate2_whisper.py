@@ -33,11 +33,13 @@ def tiny_whisper_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def tiny_whisper(vocab_size):
+def tiny_whisper(vocab_size, max_source_positions=8):
+    """A tiny random Whisper (fp16); ``max_source_positions=1500`` gives it the standard 30 s window."""
     torch.manual_seed(0)
     config = WhisperConfig(vocab_size=vocab_size, d_model=16, encoder_layers=2, decoder_layers=2,
                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                           decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=8, max_target_positions=16,
+                           decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=max_source_positions,
+                           max_target_positions=16,
                            decoder_start_token_id=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     model = WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from test_audio_input import sine, write_wav
-from test_ctranslate2_whisper import tiny_whisper_tokenizer
-from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+from test_ctranslate2_whisper import tiny_whisper, tiny_whisper_tokenizer
+from transformers import WhisperFeatureExtractor
 from typer.testing import CliRunner
 
 from nexus.cli import app
@@ -26,16 +26,8 @@ TINY = {"budget": 0.95, "heldout": 2, "calibration": 2, "encoder_steps": 2, "ste
 def whisper_folder(folder):
     """A tiny random Whisper with the standard 30 s window (a saved feature extractor always has it)."""
     tok = tiny_whisper_tokenizer()
-    torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=len(tok), d_model=16, encoder_layers=2, decoder_layers=2,
-                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                           decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=1500, max_target_positions=16,
-                           decoder_start_token_id=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    whisper = WhisperForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in whisper.parameters():  # non-trivial LayerNorms and biases
-            p.add_(torch.randn_like(p) * 0.1)
-        # an EOS logit of 0: the random tiny Whisper writes a few letters before it stops
+    whisper = tiny_whisper(len(tok), max_source_positions=1500).float()
+    with torch.no_grad():  # an EOS logit of 0: the random tiny Whisper writes a few letters before it stops
         whisper.model.decoder.embed_tokens.weight[tok.eos_token_id] = 0
     whisper.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -211,13 +211,14 @@ def plan_report(plan, budget_bytes):
         f"budget {budget_bytes / 2**20:,.0f} MiB")
 
 
-def plan_only(args, plan, measured=None):
+def plan_only(args, plan, measured=None, train_parts=None):
     """``--plan-only``: write the plan for these settings beside the peak the last full run of ``--result`` measured
     (when its clip count matches). ``--memory-check``: beside the peak of each phase this run measured."""
     out = {"command": "python bench/speech_encoder.py " + ("--memory-check" if measured else "--plan-only"),
            "plan": plan}
     if measured:
         out["measured_phase_peak_mib"] = measured
+        out["measured_train_part_peak_mib"] = train_parts
         out["plan_over_measured"] = {k: plan["phases"][k] / 2**20 / v for k, v in measured.items()}
         out["peak_plan_over_measured"] = plan["total_bytes"] / 2**20 / max(measured.values())
         out["note"] = ("phases measured with the kernel's high-water mark reset at each phase's start; "
@@ -333,16 +334,25 @@ def main():
         f"(heads, ffn) per layer {pruned['student_encoder_widths_heads_ffn']}")
 
     t0 = time.time()
+    train_parts = {}  # each part's own peak (hidden states alone; then with transcription KD): which one grows
+
+    def part_done(name):
+        train_parts[name] = peak_rss() / 2**20
+        reset_peak_rss()
+
     logs = distil_student(student, train, SpeechBuildOptions(
         encoder_steps=args.encoder_steps, steps=args.steps, accumulate=args.accumulate, lr=args.lr,
-        encoder_lr=args.encoder_lr, train_tower=args.train_tower, speech_weight=args.speech_weight), progress=log)
+        encoder_lr=args.encoder_lr, train_tower=args.train_tower, speech_weight=args.speech_weight), progress=log,
+        between=lambda: part_done("hidden_state_distillation"))
     seconds["distillation"] = time.time() - t0
     log("distillation done")
-    phase_done("train")
+    part_done("transcription_kd")
+    measured["train"] = max(train_parts.values())
+    log(f"training peak RSS per part (MiB): {train_parts}")
     log("peak RSS per phase (MiB): " + ", ".join(f"{k} {v:,.0f} (plan {plan['phases'][k] / 2**20:,.0f})"
                                                    for k, v in measured.items()))
     if args.memory_check:
-        return plan_only(args, plan, measured)
+        return plan_only(args, plan, measured, train_parts)
 
     t0 = time.time()
     scores = evaluate_heldout(student, fe, tokenizer, eval_wavs, held)
@@ -376,6 +386,7 @@ def main():
                  + ("trained" if args.train_tower else "frozen") + ")",
         **logs,
         "seconds": seconds, "threads": args.threads, "ram_plan": plan, "measured_phase_peak_mib": measured,
+        "measured_train_part_peak_mib": train_parts,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this process: no stage resets
         "goal": ">= 0.90 retention at <= 0.25 of Whisper's encoder parameters",
         "goal_met": bool(scores["fields"]["retention"] >= 0.90 and pruned["params_ratio_with_projector"] <= 0.25),

@@ -140,3 +140,21 @@ def test_synthesized_clips_are_named_by_their_words(tmp_path):
     assert first[0] == again[0] and first[1] != again[1]
     assert first[1].read_bytes() != again[1].read_bytes()  # a new clip, not the stale one
     assert [p.name[:5] for p in again] == ["0000-", "0001-"]
+
+
+def test_distil_student_runs_both_parts_and_calls_between_them(whisper_and_tokenizer):
+    """`speech_build.distil_student`: hidden-state steps, then ``between()``, then the KD steps, each part logged."""
+    from nexus.conversion.speech_build import SpeechBuildOptions, distil_student
+
+    whisper, tok = whisper_and_tokenizer
+    student = speech_student_from_whisper(whisper, tok)
+    prompt = whisper_prompt_ids(tok)
+    ex = SpeechExample(features=torch.randn(1, 80, 16), teacher_states=torch.randn(8, 16).half(),
+                       input_ids=torch.tensor(prompt + [12, 13]), topk_values=torch.randn(3, 4).half(),
+                       topk_indices=torch.randint(0, len(tok), (3, 4)), transcript="lm", reference="lm")
+    calls = []
+    logs = distil_student(student, [ex], SpeechBuildOptions(encoder_steps=2, steps=1, accumulate=1), progress=None,
+                          between=lambda: calls.append(len(calls)))
+    assert calls == [0]
+    assert logs["hidden_state_distillation"]["steps"] == 2 and logs["hidden_state_distillation"]["last"][-1]["ce"] == 0
+    assert logs["distillation"]["last"][-1]["step"] == 1 and logs["distillation"]["last"][-1]["ce"] > 0

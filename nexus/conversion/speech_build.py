@@ -178,12 +178,15 @@ def prune_to_budget(student, whisper, examples, tokenizer, prompt, budget, calib
                    f"{len(calib)} spoken calibration clips), dynamic allocation of heads and FFN neurons"}
 
 
-def distil_student(student, examples, options, progress=None):
+def distil_student(student, examples, options, progress=None, between=None):
     """Hidden-state distillation (``encoder_steps``), then hidden states plus transcription KD through the tower
-    (``steps``); returns {"hidden_state_distillation": ..., "distillation": ...} with the first and last losses."""
+    (``steps``); returns {"hidden_state_distillation": ..., "distillation": ...} with the first and last losses.
+    ``between()`` runs between the two parts (the bench measures each part's peak RSS)."""
     encoder_log = distil_speech(student, examples, steps=options.encoder_steps, encoder_lr=options.encoder_lr,
                                 weights=(1.0, 0.0, 0.0), accumulate=options.accumulate, progress=progress,
                                 log_every=25, speech_weight=options.speech_weight) if options.encoder_steps else []
+    if between is not None:
+        between()
     train_log = distil_speech(student, examples, steps=options.steps, lr=options.lr, encoder_lr=options.encoder_lr,
                               accumulate=options.accumulate, train_tower=options.train_tower, progress=progress,
                               log_every=10, speech_weight=options.speech_weight) if options.steps else []

@@ -510,7 +510,9 @@ def run_variant(variant: Variant, base_raw: dict, run_dir: Path, profile: dict, 
         "train": {**{k: distill["train"][k] for k in ("steps", "tokens", "wall_seconds", "tokens_per_second",
                                                       "first_loss", "final_loss", "preservation")},
                   "batch_size": d_opts["batch_size"], "seq_len": d_opts["seq_len"], "lr": d_opts["lr"],
-                  "micro_batches_per_step": len(distill["rows"]), "rows": distill["rows"], "loss": d_opts["loss"]},
+                  "micro_batches_per_step": len(distill["rows"]), "rows": distill["rows"], "loss": d_opts["loss"],
+                  # keep_best: the held-out CE at each checkpoint step and the step whose weights were kept
+                  "heldout_curve": distill["train"].get("evaluations"), "best": distill["train"].get("best")},
         "heldout_ce": distill["heldout_ce"],
         "align": ({"options": aligned["options"], "merged": aligned["merged"], "seconds": aligned.get("seconds")}
                   if aligned else None),

@@ -44,6 +44,9 @@ def test_each_variant_writes_one_json_with_retention_budget_and_training(compare
     assert nexus["params"]["budget"] == dense["params"]["budget"]
     for key in ("steps", "tokens", "batch_size", "rows"):
         assert nexus["train"][key] == dense["train"][key], key
+    # keep_best: the held-out curve (one score per checkpoint step) and the step whose weights were kept
+    curve = nexus["train"]["heldout_curve"]
+    assert curve and min(curve, key=lambda e: e[1]) == [nexus["train"]["best"]["step"], nexus["train"]["best"]["score"]]
     assert nexus["student"]["init"] == "teachers" and len(nexus["student"]["towers"]) == 3
     assert dense["student"]["layout"] == "dense" and len(dense["student"]["towers"]) == 1
     assert dense["student"]["init"] == "random"

@@ -119,11 +119,13 @@ def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_tab
                                f"{fmt_ci(delta['min'], signed=True)} ({caps})")
     if not rows and not not_run and not baselines:
         return []
-    out = [f"Re-measured in `bench/results/{folder.name}/`: NEXUS and the ablation ran again on one machine with "
+    out = [f"Re-measured in `bench/results/{folder.name}/`: NEXUS and the other arms ran again on one machine with "
            "the same code and teachers, so they pair with each other; they pair with the table above only where a "
            "line below gives that paired Δ (the same teacher rows: same machine, same teachers):", "", *nexus_lines, ""]
     if rows or not_run:
         out += ablation_lines(rows, not_run, md_table)
+    while out[-1] == "":
+        out.pop()
     if baselines:
         out += ["", "Baseline minus NEXUS in this re-measurement, minimum retention, same items and resamples:", "",
                 md_table(["point", "baseline", "min [95% CI]", "Δ min vs NEXUS", "verdict"], baselines)]

@@ -77,6 +77,19 @@ def test_the_student_is_pruned_distilled_scored_and_written_with_its_processor(b
     assert text == record["samples"][-1]["student"]  # the saved student transcribes as the scored one did
 
 
+def test_the_speech_student_attaches_to_a_text_student(built, tmp_path):
+    """The command's output is what `nexus attach-speech` takes: hashes recorded, processor beside the weights."""
+    from test_speech_attach import text_student
+
+    from nexus.conversion.speech_attach import attach_speech
+
+    record, out, _ = built
+    assert (out / "nexus_hashes.json").is_file()
+    attached = attach_speech(text_student(tmp_path / "text"), out, tmp_path / "both")
+    assert attached["exactness"]["speech_max_abs_logit_diff"] <= 1e-4
+    assert attached["student_hashes"]["speech"]
+
+
 def test_without_references_the_clips_are_scored_against_whisper(teacher, tmp_path):
     clips = clip_folder(tmp_path / "clips", n=4, references=False)
     assert read_clips(clips)[1] is None

@@ -16,9 +16,9 @@
    transcription KD through the tower).
 5. **Held-out score** (`evaluate_heldout`): word accuracy of the student and of Whisper on the same held-out clips,
    retention = student / Whisper with a paired bootstrap 95% CI.
-6. **Output**, written all at once (nothing on failure): the student (safetensors), its tokenizer and feature
-   extractor (``model.transcribe(wav, feature_extractor, tokenizer)`` works without NEXUS installed) and
-   ``speech_student.json`` (sizes, widths, training logs, the held-out score, the RAM plan beside the measured peak).
+6. **Output**, written all at once (nothing on failure): the student (safetensors, with ``nexus_hashes.json``), its
+   tokenizer and feature extractor (``model.transcribe(wav, feature_extractor, tokenizer)`` works without NEXUS
+   installed; ``nexus attach-speech`` takes the folder) and ``speech_student.json`` (sizes, widths, training logs, the held-out score, the RAM plan beside the measured peak).
 """
 
 import json
@@ -34,6 +34,7 @@ from .bootstrap import bootstrap_ci, ratio, ratio_ci
 from .speech_distill import distil_speech, teacher_pass, word_accuracy, word_errors
 from .speech_prune import allocate_units, audio_encoder_parameter_count, prune_audio_encoder, speech_unit_scores
 from .speech_student import speech_student_from_whisper, whisper_prompt_ids
+from .student_hashes import write_student_hashes
 
 SCHEMA = "nexus.speech_student/1"
 RECORD = "speech_student.json"
@@ -313,6 +314,7 @@ def build_speech_student(whisper_src, clips, out, options=None, overwrite=False,
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         fe.save_pretrained(tmp)
+        write_student_hashes(tmp)  # (attach-speech and the other folder readers check the weights against it)
         with atomic_file(tmp / RECORD) as f:
             f.write_text(json.dumps(record, indent=1, default=str))
     return record

@@ -16,9 +16,9 @@
    transcription KD through the tower).
 5. **Held-out score** (`evaluate_heldout`): word accuracy of the student and of Whisper on the same held-out clips,
    retention = student / Whisper with a paired bootstrap 95% CI.
-6. **Output**, written all at once (nothing on failure): the student (safetensors, with ``nexus_hashes.json``), its
-   tokenizer and feature extractor (``model.transcribe(wav, feature_extractor, tokenizer)`` works without NEXUS
-   installed; ``nexus attach-speech`` takes the folder) and ``speech_student.json`` (sizes, widths, training logs, the held-out score, the RAM plan beside the measured peak).
+6. **Output**, written all at once (nothing on failure): the student (safetensors, with ``nexus_hashes.json``),
+   its tokenizer and feature extractor (``model.transcribe(wav, feature_extractor, tokenizer)`` works without
+   NEXUS installed; ``nexus attach-speech`` takes the folder) and ``speech_student.json`` (sizes, widths, training logs, the held-out score, the RAM plan beside the measured peak).
 """
 
 import json

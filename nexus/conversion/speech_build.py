@@ -18,7 +18,8 @@
    retention = student / Whisper with a paired bootstrap 95% CI.
 6. **Output**, written all at once (nothing on failure): the student (safetensors, with ``nexus_hashes.json``),
    its tokenizer and feature extractor (``model.transcribe(wav, feature_extractor, tokenizer)`` works without
-   NEXUS installed; ``nexus attach-speech`` takes the folder) and ``speech_student.json`` (sizes, widths, training logs, the held-out score, the RAM plan beside the measured peak).
+   NEXUS installed; ``nexus attach-speech`` takes the folder) and ``speech_student.json`` (sizes, widths, training
+   logs, the held-out score, the RAM plan beside the measured peak).
 """
 
 import json

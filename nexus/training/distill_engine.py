@@ -220,7 +220,9 @@ def _load_optimizer(optimizer, folder):
 
 def _load_weights(module, path, device):
     """Resume ``module`` from ``path``: every tensor present, of the right shape, finite (else LoadCheckError)."""
-    checked_load_state_dict(module, load_file(path, device=str(device)), path, what="checkpoint")
+    # (a multi-process CPU run's device is "cpu:0", which safetensors refuses: CPU tensors load as "cpu")
+    where = "cpu" if torch.device(device).type == "cpu" else str(device)
+    checked_load_state_dict(module, load_file(path, device=where), path, what="checkpoint")
 
 
 def _load_rng(path, rank):

@@ -17,10 +17,11 @@
 
 Writes bench/results/speech_encoder.json; the student checkpoint (with its processor) goes to bench/out/speech/student.
 
-Before Whisper loads, the run's peak RAM is planned (`speech_memory.plan_speech_ram`: convert, teacher pass, train;
-one teacher resident at a time) and a plan over ``--ram-gb`` (default: the machine's RAM) is refused; the JSON keeps
-the plan beside the measured peak. ``--plan-only`` writes the plan alone to bench/results/speech_ram_plan.json;
-``--memory-check`` runs every phase briefly (3 + 3 training steps) and writes each phase's measured peak beside it.
+Before Whisper loads, the run's peak RAM is planned (`speech_memory.plan_speech_ram`: convert, teacher pass, prune,
+train, evaluate; one teacher resident at a time) and a plan over ``--ram-gb`` (default: the machine's RAM) is
+refused; the JSON keeps the plan beside the measured peak. ``--plan-only`` writes the plan alone to
+bench/results/speech_ram_plan.json; ``--memory-check`` runs every phase briefly (3 + 3 training steps, no evaluation)
+and writes each phase's measured peak beside it.
 
 Usage: python bench/speech_encoder.py [--train 800] [--eval 50] [--encoder-steps 600] [--steps 300] [--budget 0.25]
                                      [--speech-weight 0.75 | --no-speech-weight] [--train-tower] [--result PATH]
@@ -48,7 +49,7 @@ from nexus.conversion.ctranslate2_whisper import (  # noqa: E402
     whisper_config_from_ctranslate2,
     whisper_from_ctranslate2,
 )
-from nexus.conversion.peak_rss import current_rss, peak_rss, reset_peak_rss  # noqa: E402
+from nexus.conversion.peak_rss import current_rss, peak_rss, release_freed_memory, reset_peak_rss  # noqa: E402
 from nexus.conversion.speech_build import (  # noqa: E402
     SpeechBuildOptions,
     distil_student,
@@ -327,6 +328,7 @@ def main():
     student, pruned = prune_to_budget(student, whisper, train, tokenizer, prompt, args.budget, args.calibration)
     phase_done("prune")
     del whisper  # one teacher resident at a time: training needs only the cached teacher outputs
+    release_freed_memory()
     seconds["prune"] = time.time() - t0
     spec = student.config.encoders[0]
     log(f"pruned encoder: {pruned['student_encoder_params_with_projector'] / 1e6:.2f}M params with projector "
@@ -371,7 +373,7 @@ def main():
     standalone = standalone_check(ckpt, eval_wavs, rows)
     seconds["standalone_check"] = time.time() - t0
     log(f"fresh process without NEXUS: {standalone}")
-    phase_done("evaluate_and_save")  # not planned: measured so that a full run shows where its peak falls
+    phase_done("evaluate")  # scoring, saving and the fresh-process check (a child process: not in this RSS)
 
     result = {
         "teacher": "faster-whisper-base (CTranslate2 -> transformers WhisperForConditionalGeneration), bf16 autocast",

@@ -70,6 +70,21 @@ def test_build_prune_distil(whisper_and_tokenizer):
     assert enc_only[0]["ce"] == 0.0
 
 
+def test_distil_speech_hands_freed_memory_back_every_few_steps(whisper_and_tokenizer, monkeypatch):
+    import nexus.conversion.speech_distill as speech_distill
+
+    whisper, tok = whisper_and_tokenizer
+    student = speech_student_from_whisper(whisper, tok)
+    ex = SpeechExample(features=torch.randn(1, 80, 16), teacher_states=torch.randn(8, 16).half(),
+                       input_ids=torch.tensor(whisper_prompt_ids(tok) + [12]), topk_values=torch.randn(2, 4).half(),
+                       topk_indices=torch.randint(0, len(tok), (2, 4)), transcript="l", reference="l")
+    calls = []
+    monkeypatch.setattr(speech_distill, "release_freed_memory", lambda: calls.append(1))
+    log = distil_speech(student, [ex], steps=5, accumulate=1, progress=None, bf16=False, release_every=2,
+                        weights=(1.0, 0.0, 0.0))
+    assert len(log) == 5 and len(calls) == 3  # after steps 2 and 4, and at the end
+
+
 def test_word_errors_and_accuracy():
     assert word_errors("The cat, sat.", "the cat sat") == (0, 3)
     assert word_errors("a b c", "a x c d") == (2, 3)
@@ -142,7 +157,7 @@ def test_synthesized_clips_are_named_by_their_words(tmp_path):
     assert [p.name[:5] for p in again] == ["0000-", "0001-"]
 
 
-def test_distil_student_runs_both_parts_and_calls_between_them(whisper_and_tokenizer):
+def test_distil_student_runs_both_parts_and_calls_between_them(whisper_and_tokenizer, monkeypatch):
     """`speech_build.distil_student`: hidden-state steps, then ``between()``, then the KD steps, each part logged."""
     from nexus.conversion.speech_build import SpeechBuildOptions, distil_student
 
@@ -152,9 +167,14 @@ def test_distil_student_runs_both_parts_and_calls_between_them(whisper_and_token
     ex = SpeechExample(features=torch.randn(1, 80, 16), teacher_states=torch.randn(8, 16).half(),
                        input_ids=torch.tensor(prompt + [12, 13]), topk_values=torch.randn(3, 4).half(),
                        topk_indices=torch.randint(0, len(tok), (3, 4)), transcript="lm", reference="lm")
-    calls = []
+    calls, released = [], []
+    import nexus.conversion.speech_distill as speech_distill
+
+    monkeypatch.setattr(speech_distill, "release_freed_memory", lambda: released.append(len(calls)))
     logs = distil_student(student, [ex], SpeechBuildOptions(encoder_steps=2, steps=1, accumulate=1), progress=None,
                           between=lambda: calls.append(len(calls)))
     assert calls == [0]
+    # freed memory goes back to the OS at the end of each part (before between()) -- the RAM plan counts one part
+    assert released == [0, 1]
     assert logs["hidden_state_distillation"]["steps"] == 2 and logs["hidden_state_distillation"]["last"][-1]["ce"] == 0
     assert logs["distillation"]["last"][-1]["step"] == 1 and logs["distillation"]["last"][-1]["ce"] > 0

@@ -1,4 +1,4 @@
-"""The speech path's RAM plan (issue 21, item 5): four phases from the Whisper config and the run's settings, the
+"""The speech path's RAM plan (issue 21, item 5): five phases from the Whisper config and the run's settings, the
 peak the largest; each term grows with what it counts, and a plan over the budget is refused with its parts."""
 
 import pytest
@@ -25,7 +25,7 @@ def test_parameter_counts_match_the_model():
 
 def test_phases_and_peak():
     plan = plan_speech_ram(CONFIG, n_clips=100, runtime=10**8, ct2_file_bytes=10**6)
-    assert set(plan["phases"]) == {"convert", "teacher", "prune", "train"}
+    assert set(plan["phases"]) == {"convert", "teacher", "prune", "train", "evaluate"}
     assert plan["total_bytes"] == max(plan["phases"].values()) == plan["phases"][plan["peak_phase"]]
     assert sum(plan["components"].values()) == plan["total_bytes"]
     assert all(k.startswith(plan["peak_phase"] + ":") for k in plan["components"])
@@ -56,3 +56,21 @@ def test_a_plan_over_the_budget_is_refused_with_its_parts():
         check_stage_plan(plan, plan["total_bytes"] - 1, "--ram-gb",
                          hint="pass --ram-gb, or fewer --train clips")
     assert check_stage_plan(plan, plan["total_bytes"], "--ram-gb") is plan
+
+
+def test_training_counts_autocast_copies_and_the_tower_side_of_kd():
+    from nexus.conversion.speech_memory import encoder_activation_bytes, tower_kd_bytes
+
+    plain = encoder_activation_bytes(CONFIG, 1, 1500, 4, layers=2, ffn=32, heads=1)
+    mixed = encoder_activation_bytes(CONFIG, 1, 1500, 4, layers=2, ffn=32, heads=1, autocast=True)
+    assert mixed - plain == 2 * (1500 * (5 * 64 + 32) * 2 + 1500 * 1500 * 4)
+    plan = plan_speech_ram(CONFIG, n_clips=100, runtime=0)
+    train = plan["phase_components"]["train"]
+    assert train["tower_kd_backward"] == tower_kd_bytes(CONFIG, 1500, 64)
+    # the frozen tower's bf16 weight copies (decoder layers + the tied embedding) are part of it
+    counts = whisper_parameter_counts(CONFIG)
+    assert train["tower_kd_backward"] > 2 * (counts["decoder_layers"] + CONFIG.vocab_size * CONFIG.d_model)
+    longer = plan_speech_ram(CONFIG, n_clips=100, runtime=0, max_new_tokens=128)
+    assert longer["phase_components"]["train"]["tower_kd_backward"] > train["tower_kd_backward"]
+    evaluate = plan["phase_components"]["evaluate"]
+    assert evaluate["serialised_weights"] == evaluate["student_fp32_weights"] == train["student_fp32_weights"]

@@ -5,8 +5,8 @@
 1. **Clips** (`read_clips`): every ``*.wav`` of the folder, by name. A ``NAME.txt`` beside ``NAME.wav`` is its
    reference transcript; either every clip has one or none does (then the held-out clips are scored against
    Whisper's own transcripts: agreement with the teacher, not accuracy). The last ``heldout`` clips are held out.
-2. **RAM plan** (`speech_memory.plan_speech_ram`: convert, teacher pass, pruning, training; one teacher resident at a
-   time), checked against ``ram_gb`` (default: the machine's RAM) before Whisper loads.
+2. **RAM plan** (`speech_memory.plan_speech_ram`: convert, teacher pass, pruning, training, evaluation; one teacher
+   resident at a time), checked against ``ram_gb`` (default: the machine's RAM) before Whisper loads.
 3. **Teacher** (`load_whisper`): a CTranslate2 Whisper folder (faster-whisper) or an HF Whisper folder (safetensors
    only: pickle weights are refused). One pass over every clip keeps what training needs (`teacher_pass`: encoder
    states, transcript, top-k logits); Whisper is freed before training.
@@ -240,7 +240,7 @@ def evaluate_heldout(student, feature_extractor, tokenizer, wavs, examples, max_
 
 def build_speech_student(whisper_src, clips, out, options=None, overwrite=False, progress=None):
     """The whole build (see the module doc); returns the record written to ``out/speech_student.json``."""
-    from .peak_rss import current_rss, peak_rss, reset_peak_rss
+    from .peak_rss import current_rss, peak_rss, release_freed_memory, reset_peak_rss
     from .speech_memory import plan_speech_ram
     from .stage_memory import check_stage_plan, machine_ram_bytes
 
@@ -288,6 +288,7 @@ def build_speech_student(whisper_src, clips, out, options=None, overwrite=False,
                                       options.calibration)
     phase_done("prune")
     del whisper  # one teacher resident at a time: training needs only the teacher pass
+    release_freed_memory()
     seconds["prune"] = time.time() - t0
     say(f"pruned encoder: {pruned['params_ratio_with_projector']:.3f} of Whisper's; distilling")
     t0 = time.time()
@@ -316,6 +317,7 @@ def build_speech_student(whisper_src, clips, out, options=None, overwrite=False,
         tokenizer.save_pretrained(tmp)
         fe.save_pretrained(tmp)
         write_student_hashes(tmp)  # (attach-speech and the other folder readers check the weights against it)
+        phase_done("evaluate")  # held-out scoring and saving (the plan's evaluate phase); ``measured`` is in record
         with atomic_file(tmp / RECORD) as f:
             f.write_text(json.dumps(record, indent=1, default=str))
     return record

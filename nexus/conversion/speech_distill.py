@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ..modeling_nexus.audio_input import load_wav
 from ..modeling_nexus.transcribe import audio_features
+from .peak_rss import release_freed_memory
 
 # ------------------------------------------------------------------------------------------------ spoken corpus
 
@@ -247,13 +248,16 @@ class TopKDistillationLoss(nn.Module):
 
 
 def distil_speech(student, examples, steps, lr=2e-4, encoder_lr=None, weights=(1.0, 1.0, 1.0), accumulate=4,
-                  seed=0, train_tower=True, log_every=50, progress=print, bf16=True, speech_weight=None):
+                  seed=0, train_tower=True, log_every=50, progress=print, bf16=True, speech_weight=None,
+                  release_every=25):
     """Train ``student`` (a NexusForCausalLM with one audio encoder) on ``examples``; returns the loss log.
 
     The shared embedding and head stay frozen (they are Whisper's, copied exactly); the encoder, projector and (with
     ``train_tower``) the tower's layers train. ``steps`` counts optimizer steps of ``accumulate`` clips each.
     ``weights=(1, 0, 0)``: hidden-state distillation only; the towers do not run. ``speech_weight``: see
-    `HiddenStateLoss` (None: one relative error over the whole window).
+    `HiddenStateLoss` (None: one relative error over the whole window). Every ``release_every`` steps, and at the
+    end, freed memory goes back to the OS (`peak_rss.release_freed_memory`), so the resident set stays near one
+    step's working set (`speech_memory` plans that much).
     """
     w_hidden, w_ce, w_kd = weights
     encoder_only = w_ce == 0 and w_kd == 0
@@ -308,10 +312,14 @@ def distil_speech(student, examples, steps, lr=2e-4, encoder_lr=None, weights=(1
         schedule.step()
         opt.zero_grad(set_to_none=True)
         log.append({"step": step + 1, "hidden": totals[0], "ce": totals[1], "kd": totals[2]})
+        if (step + 1) % release_every == 0:
+            release_freed_memory()  # glibc keeps freed activations; the RAM plan counts one step's worth
         if progress and (step + 1) % log_every == 0:
             progress(f"step {step + 1}/{steps}: hidden {totals[0]:.4f} ce {totals[1]:.3f} kd {totals[2]:.3f}")
     hook.remove()
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
+    del opt, schedule, groups
+    release_freed_memory()
     return log

@@ -39,4 +39,7 @@ def speech_student(
                f"{record['student_word_accuracy']:.3f}, Whisper {record['whisper_word_accuracy']:.3f}; retention "
                + (f"{record['retention']:.3f} [{record['retention_ci95'][0]:.3f}, {record['retention_ci95'][1]:.3f}]"
                   if record["retention"] is not None else record["retention_note"]))
+    plan, measured = record["ram_plan"]["phases_mib"], record["measured_phase_peak_mib"]
+    typer.echo("peak RAM per phase, MiB (planned / measured): " + ", ".join(
+        f"{name} {plan[name]:,.0f} / {measured[name]:,.0f}" for name in plan if name in measured))
     typer.echo(f"wrote {out}")

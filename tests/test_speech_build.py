@@ -153,5 +153,7 @@ def test_the_command_prints_the_score_and_refuses_bad_input_in_one_line(teacher,
     shown = "retention " + (f"{record['retention']:.3f}" if record["retention"] is not None
                             else record["retention_note"])
     assert shown in result.output and f"wrote {out}" in result.output
+    train = record["ram_plan"]["phases_mib"]["train"], record["measured_phase_peak_mib"]["train"]
+    assert f"train {train[0]:,.0f} / {train[1]:,.0f}" in result.output  # each phase: planned / measured
     bad = CliRunner().invoke(app, args[:4] + [str(tmp_path / "other"), "--budget", "1.5"])
     assert bad.exit_code == 2 and "budget" in bad.output and not (tmp_path / "other").exists()

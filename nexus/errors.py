@@ -3,7 +3,8 @@
 Library code raises ValueError / OSError subclasses naming the file and the field (the recipe, the load checks, the
 safetensors header and config checks). What a third-party reader can still raise on a malformed file (safetensors'
 ``SafetensorError``, a YAML or JSON parser error, a decode error, a symlink loop's RuntimeError/RecursionError) is
-caught here as a last resort and printed as one line too, with the file when the error carries one.
+caught here as a last resort and printed as one line too, with the file when the error carries one. A pydantic
+``ValidationError`` (typed options and recipes) is joined into one line: model, field, rule, value.
 """
 
 import contextlib
@@ -32,8 +33,25 @@ def _symlink_loop(exc):
     return isinstance(exc, RuntimeError) and "symlink loop" in str(exc).lower()
 
 
+def _validation_line(exc):
+    """A pydantic ``ValidationError`` (several lines: the model, then each field and its message) as one line:
+    ``Model: field: message (got value); other: ...``; None for any other exception."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ != "ValidationError" or not callable(errors):
+        return None
+    parts = []
+    for e in errors():
+        where = ".".join(str(x) for x in e.get("loc", ())) or "input"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        parts.append(f"{where}: {e.get('msg', 'invalid')}{got}")
+    return f"{getattr(exc, 'title', 'input')}: " + "; ".join(parts)
+
+
 def one_line(exc) -> str:
     """``exc`` as the error line: its message (a library error also gets its type, and the file it carries)."""
+    validation = _validation_line(exc)
+    if validation is not None:
+        return validation
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, USER_ERRORS) and not isinstance(exc, (UnicodeError,)):
         return text

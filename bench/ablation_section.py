@@ -70,6 +70,13 @@ def _distill_flag(record) -> str:
     return f" --distill-tokens {'all' if distill['tokens'] is None else distill['tokens']}"
 
 
+def option_verdict(delta, verdict) -> str:
+    """Who wins on a difference (option - baseline) with its CI, in the words of `results.verdict` (which reads a
+    difference variant - NEXUS): a CI above 0 means the option is better, below 0 the baseline."""
+    said = verdict(delta)
+    return {"**NEXUS better**": "**baseline better**", "**NEXUS worse**": "**option better**"}.get(said, said)
+
+
 def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_table, reference=None) -> list:
     """Ablations and baselines re-measured with their own NEXUS run in ``folder`` (``size_sweep.py --points P
     --methods nexus ABLATION --results-dir folder``): both arms ran on one machine with the same code and teachers, so
@@ -101,8 +108,7 @@ def remeasured_lines(folder, load_compare, paired_delta, verdict, fmt_ci, md_tab
                 if a.get("group") == "ablation":
                     d = paired_delta(a, r)
                     versus.append([point.name, a.get("label", a_name), name, fmt_ci(d and d["min"], signed=True),
-                                   {"**NEXUS better**": "**option better**", "**NEXUS worse**": "**baseline better**"}
-                                   .get(verdict(d["min"]), verdict(d["min"])) if d else UNPAIRED])
+                                   option_verdict(d["min"], verdict) if d else UNPAIRED])
         tr = nexus["train"]
         nexus_lines.append(f"- {point.name}: NEXUS {nexus['params']['student']:,} params "
                            f"({nexus['params']['ratio']:.3f}), {tr['steps']} distill steps, {tr['tokens']:,} "

@@ -358,6 +358,11 @@ def test_a_remeasurement_with_baselines_pairs_each_against_nexus_and_each_option
     assert vs_baseline is not None
     row = next(line for line in text.splitlines() if line.startswith("| 0.25 | manifold ON | minitron_kd |"))
     assert results.fmt_ci(vs_baseline["min"], signed=True) in row
+    assert row.endswith(f"| {ablation.option_verdict(vs_baseline['min'], results.verdict)} |")
+    # option - baseline: a CI below 0 is the baseline's win, above 0 the option's
+    assert ablation.option_verdict({"value": -0.014, "ci": [-0.020, -0.008]}, results.verdict) == "**baseline better**"
+    assert ablation.option_verdict({"value": 0.02, "ci": [0.01, 0.03]}, results.verdict) == "**option better**"
+    assert ablation.option_verdict({"value": 0.0, "ci": [-0.01, 0.01]}, results.verdict) == "no clear difference"
     # a baseline of another base recipe is listed but not paired
     (point / "minitron_kd.json").write_text(json.dumps({**baseline, "base_recipe_sha256": "0" * 64}))
     text = "\n".join(ablation.remeasured_lines(tmp_path / "all_text", results.load_compare, results.paired_delta,

@@ -204,8 +204,11 @@ def evaluate_heldout(student, feature_extractor, tokenizer, wavs, examples, max_
     """Transcribe every held-out clip with the student; word accuracies of the student and of Whisper against the
     references, retention (paired bootstrap CI), the encoder's held-out hidden-state error and the per-clip items.
     Returns {"rows": [...], "fields": {...}}."""
+    from .peak_rss import release_freed_memory
+
     rows, rel = [], []
     for wav, ex in zip(wavs, examples):
+        release_freed_memory()  # each clip's generation leaves freed buffers in the heap (the RAM plan counts one)
         hyp = student.transcribe(str(wav), feature_extractor, tokenizer, max_new_tokens=max_new_tokens)
         rows.append({"reference": ex.reference, "whisper": ex.transcript, "student": hyp,
                      "whisper_errors": word_errors(ex.reference, ex.transcript),

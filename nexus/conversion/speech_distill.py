@@ -249,7 +249,7 @@ class TopKDistillationLoss(nn.Module):
 
 def distil_speech(student, examples, steps, lr=2e-4, encoder_lr=None, weights=(1.0, 1.0, 1.0), accumulate=4,
                   seed=0, train_tower=True, log_every=50, progress=print, bf16=True, speech_weight=None,
-                  release_every=25):
+                  release_every=5):
     """Train ``student`` (a NexusForCausalLM with one audio encoder) on ``examples``; returns the loss log.
 
     The shared embedding and head stay frozen (they are Whisper's, copied exactly); the encoder, projector and (with

@@ -303,8 +303,9 @@ def main():
 
     measured = {}  # peak RSS per planned phase (the kernel's high-water mark, reset at each phase's start)
 
-    def phase_done(name):
+    def phase_done(name):  # the phase's peak; the next one starts with freed memory handed back to the OS
         measured[name] = peak_rss() / 2**20
+        release_freed_memory()
         reset_peak_rss()
 
     reset_peak_rss()

@@ -264,8 +264,9 @@ def build_speech_student(whisper_src, clips, out, options=None, overwrite=False,
     say(f"RAM plan: peak {plan['total_bytes'] / 2**20:,.0f} MiB in the {plan['peak_phase']} phase")
     seconds, measured = {}, {}
 
-    def phase_done(name):
+    def phase_done(name):  # the phase's peak; the next one starts with freed memory handed back to the OS
         measured[name] = peak_rss() / 2**20
+        release_freed_memory()
         reset_peak_rss()
 
     reset_peak_rss()

@@ -60,7 +60,7 @@ def speech_section(path, md_table) -> list:
     if "seconds" in d:
         parts = ", ".join(f"{k.replace('_', ' ')} {v:,.0f} s" for k, v in d["seconds"].items())
         lines.append(f"- Time ({d.get('threads', '?')} threads): {parts}."
-                     + (f" Peak RSS {d['peak_rss_mb']:,.0f} MB (Whisper freed before training)."
+                     + (f" Peak RSS {whole_run_peak_mib(d):,.0f} MB (Whisper freed before training)."
                         if "peak_rss_mb" in d else ""))
     arms = sorted(path.parent.glob(path.stem + "_*.json"))
     if arms:
@@ -76,6 +76,14 @@ def speech_section(path, md_table) -> list:
         lines += ["", md_table(["reference", "Whisper", "student"],
                                [[s["reference"], s["whisper"], s["student"] or "(empty)"] for s in samples[:4]])]
     return lines
+
+
+def whole_run_peak_mib(d):
+    """A run's peak RSS: its largest measured phase when it measured phases (``peak_rss_mb`` of runs before that fix
+    was getrusage's ru_maxrss, which the per-phase reset of the kernel's high-water mark resets too), else
+    ``peak_rss_mb``."""
+    phases = d.get("measured_phase_peak_mib")
+    return max(phases.values()) if phases else d["peak_rss_mb"]
 
 
 def ram_lines(r, md_table, main=None) -> list:
@@ -98,8 +106,10 @@ def ram_lines(r, md_table, main=None) -> list:
 
     rows = [[name + (" (peak)" if name == plan["peak_phase"] else ""), f"{total / 2**20:,.0f}", *cells(name, total)]
             for name, total in plan["phases"].items()]
-    if full:
-        rows += [[name, "not planned", "–", "–", "not planned", f"{m:,.0f}", "–"]
+    if full:  # phases the check's plan lacks: the full run's own plan may have them
+        rows += [[name, "not planned", "–", "–", f"{full_plan[name]:,.0f}" if name in full_plan else "not planned",
+                  f"{m:,.0f}", (f"{full_plan[name] / m:.2f}" + (" **under**" if full_plan[name] < m else ""))
+                  if name in full_plan else "–"]
                  for name, m in full.items() if name not in plan["phases"]]
     a = plan["assumptions"]
     head = (f"**Planned memory** (`{r['command']}`, `speech_ram_plan.json`; one teacher resident at a time: Whisper "
@@ -118,7 +128,7 @@ def ram_lines(r, md_table, main=None) -> list:
             planned = main["ram_plan"]["total_bytes"] / 2**20
             head += (f" The full run in `speech_encoder.json` ({main['hidden_state_distillation']['steps']} + "
                      f"{main['distillation']['steps']} training steps, then evaluation and saving): plan "
-                     f"{planned:,.0f} MiB, whole-process peak {main['peak_rss_mb']:,.0f} MiB"
+                     f"{planned:,.0f} MiB, whole-process peak {whole_run_peak_mib(main):,.0f} MiB"
                      + ("; its phases are the last three columns." if full else "."))
     elif "measured" in r:
         head += (f" The last full run measured a peak of {r['measured']['peak_rss_bytes'] / 2**20:,.0f} MiB; plan ÷ "

@@ -113,3 +113,12 @@ def test_a_full_run_with_per_phase_peaks_gets_columns_of_its_own(tmp_path):
     assert "| prune (peak) | 400 | 500 | 0.80 | 400 | 380 | 1.05 |" in text
     assert "| evaluate_and_save | not planned | – | – | not planned | 520 | – |" in text
     assert "(600 + 300 training steps, then evaluation and saving): plan 400 MiB, whole-process peak 520 MiB" in text
+    # a phase the check's plan lacks but the full run's own plan has gets that plan; the whole run's peak is its
+    # largest phase (ru_maxrss is reset with the per-phase high-water mark: 333 here is the last phase's)
+    main["ram_plan"]["phases"] = {**phases, "evaluate": 500 * mib}
+    main["measured_phase_peak_mib"] = {"convert": 90.0, "teacher": 250.0, "prune": 380.0, "train": 260.0,
+                                       "evaluate": 530.0}
+    main["peak_rss_mb"] = 333.0
+    text = "\n".join(section.ram_lines(plan, load_bench("results").md_table, main))
+    assert "| evaluate | not planned | – | – | 500 | 530 | 0.94 **under** |" in text
+    assert "whole-process peak 530 MiB" in text and "333" not in text

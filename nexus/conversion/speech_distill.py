@@ -153,8 +153,6 @@ def teacher_pass(whisper, tokenizer, feature_extractor, wavs, references, prompt
                 transcript=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
                 reference=references[start + b],
                 speech_positions=speech_positions(wave.shape[-1], getattr(feature_extractor, "hop_length", 160))))
-        del enc, out
-        release_freed_memory()  # generation's freed buffers, before the next batch (the plan counts one batch)
     return examples
 
 
